@@ -1,0 +1,1 @@
+"""Triton kernels for HieraVid, installed as ``hieravid_kernels``."""

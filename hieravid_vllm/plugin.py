@@ -1,10 +1,24 @@
 """vLLM general-plugin entry point (``vllm.general_plugins`` -> ``hieravid``).
 
-vLLM calls :func:`register` in every process it starts. Until HieraVid is enabled the
-plugin must leave vLLM's behaviour unchanged.
+vLLM calls :func:`register` in every process it starts. It registers the HieraVid model
+variants under their own architecture names (so they never replace vLLM's classes) and
+applies the small patches of :mod:`hieravid_vllm.vllm_patches`. A checkpoint is served by
+its HieraVid variant only when HieraVid options are given (``--hieravid-budget`` ...);
+otherwise vLLM behaves exactly as without the plugin.
 """
+import logging
+
+logger = logging.getLogger("hieravid_vllm")
 
 
 def register() -> None:
-    """Register HieraVid with vLLM (no-op until the model variants land)."""
-    return None
+    """Register HieraVid with vLLM (idempotent)."""
+    from vllm import ModelRegistry
+
+    from hieravid_vllm import vllm_patches
+    from hieravid_vllm.models import HIERAVID_ARCHITECTURES
+
+    for name, path in HIERAVID_ARCHITECTURES.values():
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, path)
+    vllm_patches.apply_all()

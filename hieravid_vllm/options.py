@@ -1,0 +1,180 @@
+"""Serving options of the plugin: CLI flags, ``additional_config`` and per-request overrides.
+
+No vLLM import here: these functions validate user input and are unit-tested on their own.
+
+How options travel through vLLM:
+
+* ``vllm serve M --hieravid-budget 0.3 [--hieravid-mode input_only] [--hieravid-config JSON]``
+  (flags added by :mod:`hieravid_vllm.vllm_patches`), or offline
+  ``LLM(M, additional_config={"hieravid": {"budget": 0.3}})``, or the same dict through
+  ``--additional-config '{"hieravid": {...}}'``;
+* all of them end up in ``EngineArgs.additional_config["hieravid"]`` as one dict:
+  the :class:`~hieravid_vllm.core.config.HieraVidConfig` fields plus the serving-only keys of
+  :class:`ServingOptions` (``allow_request_budget``);
+* at engine creation the validated dict is written into the checkpoint's HF config
+  (``hf_config.hieravid``) through an ``hf_overrides`` callable, which also swaps the
+  architecture for its HieraVid variant. Every vLLM process (API server: prompt processing;
+  workers: the model) then reads the same options from the config it already has.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from hieravid_vllm.core.config import HieraVidConfig
+
+#: Key under ``additional_config`` and attribute name on the HF config.
+CONFIG_KEY = "hieravid"
+#: ``mm_processor_kwargs`` key for a per-request budget (when the operator allows it).
+REQUEST_BUDGET_KEY = "hieravid_budget"
+
+
+class ServingOptions(BaseModel):
+    """HieraVid algorithm config plus the options that only matter for serving."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    config: HieraVidConfig = HieraVidConfig()
+    #: Let clients lower/raise the budget per request via ``mm_processor_kwargs``
+    #: ``{"hieravid_budget": b}`` (needs vLLM's ``--trust-request-mm-kwargs`` too... no:
+    #: mm_processor_kwargs are always forwarded; this switch is ours).
+    allow_request_budget: bool = False
+
+    def to_dict(self) -> dict:
+        d = self.config.model_dump(mode="json", exclude_defaults=True)
+        d["budget"] = self.config.budget
+        if self.allow_request_budget:
+            d["allow_request_budget"] = True
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ServingOptions":
+        d = dict(d)
+        allow = bool(d.pop("allow_request_budget", False))
+        return cls(config=HieraVidConfig.model_validate(d), allow_request_budget=allow)
+
+
+def _first_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "config"
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def parse_budget(text: str) -> float:
+    """argparse ``type=`` for ``--hieravid-budget``: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected a relative token budget in (0, 1], e.g. 0.3")
+    if not (0.0 < value <= 1.0) or value != value:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: the relative token budget must be in (0, 1], e.g. 0.3")
+    return value
+
+
+def parse_config_json(text: str) -> dict:
+    """argparse ``type=`` for ``--hieravid-config``: a JSON object of HieraVid options."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at char {e.pos}): {text!r}")
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"budget\": 0.3}'")
+    try:
+        ServingOptions.from_dict(obj)
+    except ValidationError as e:
+        raise argparse.ArgumentTypeError(_first_error(e))
+    return obj
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add the ``--hieravid-*`` flags to a (vLLM) argument parser."""
+    group = parser.add_argument_group(
+        title="HieraVid",
+        description="Hierarchical video-token pruning (hieravid-vllm plugin). Off unless "
+                    "--hieravid-budget or --hieravid-config is given.")
+    group.add_argument(
+        "--hieravid-budget", type=parse_budget, default=None, metavar="B",
+        help="Enable HieraVid with relative visual-token budget B in (0, 1] "
+             "(layer-averaged share of video tokens kept), e.g. 0.3.")
+    group.add_argument(
+        "--hieravid-mode", choices=["full", "input_only"], default=None,
+        help="full: prune before the LLM and again at LLM stage boundaries; "
+             "input_only: all pruning before the LLM (Table 4 ablation).")
+    group.add_argument(
+        "--hieravid-config", type=parse_config_json, default=None, metavar="JSON",
+        help="All HieraVid options as JSON, e.g. '{\"budget\": 0.3, \"beta\": 0.4}' "
+             "(fields of hieravid_vllm.core.HieraVidConfig plus allow_request_budget). "
+             "--hieravid-budget / --hieravid-mode override the same keys.")
+    group.add_argument(
+        "--hieravid-allow-request-budget", action="store_true", default=None,
+        help="Let clients set a per-request budget with "
+             "mm_processor_kwargs={\"hieravid_budget\": b}.")
+
+
+def options_from_cli(args: argparse.Namespace) -> Optional[dict]:
+    """The ``additional_config["hieravid"]`` dict the flags ask for, or None if HieraVid is off."""
+    d = dict(getattr(args, "hieravid_config", None) or {})
+    budget = getattr(args, "hieravid_budget", None)
+    mode = getattr(args, "hieravid_mode", None)
+    allow = getattr(args, "hieravid_allow_request_budget", None)
+    if budget is None and not d:
+        if mode is not None or allow:
+            raise ValueError("--hieravid-mode / --hieravid-allow-request-budget need "
+                             "--hieravid-budget or --hieravid-config")
+        return None
+    if budget is not None:
+        d["budget"] = budget
+    if mode is not None:
+        d["mode"] = mode
+    if allow:
+        d["allow_request_budget"] = True
+    return d
+
+
+def options_from_additional_config(additional: Optional[Mapping[str, Any]]) -> Optional[ServingOptions]:
+    """Validate ``additional_config["hieravid"]``; None when HieraVid is not enabled.
+
+    Raises ``ValueError`` naming the option on bad input (vLLM shows it at start-up).
+    """
+    if not additional or CONFIG_KEY not in additional:
+        return None
+    raw = additional[CONFIG_KEY]
+    if raw is None or raw is False:
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"additional_config.hieravid is not valid JSON: {e}") from None
+    if not isinstance(raw, Mapping):
+        raise ValueError("additional_config.hieravid must be an object like {\"budget\": 0.3}")
+    try:
+        return ServingOptions.from_dict(raw)
+    except ValidationError as e:
+        raise ValueError(f"invalid HieraVid option (--hieravid-budget / --hieravid-config / "
+                         f"additional_config.hieravid): {_first_error(e)}") from None
+
+
+def request_budget(opts: ServingOptions, mm_kwargs: Mapping[str, Any]) -> float:
+    """The budget for one request: the server's, or a validated per-request override."""
+    if REQUEST_BUDGET_KEY not in mm_kwargs or mm_kwargs[REQUEST_BUDGET_KEY] is None:
+        return opts.config.budget
+    if not opts.allow_request_budget:
+        raise ValueError(f"mm_processor_kwargs.{REQUEST_BUDGET_KEY} is not allowed on this "
+                         "server (start it with --hieravid-allow-request-budget)")
+    value = mm_kwargs[REQUEST_BUDGET_KEY]
+    try:
+        b = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"mm_processor_kwargs.{REQUEST_BUDGET_KEY} must be a number in (0, 1], "
+                         f"got {value!r}") from None
+    if not (0.0 < b <= 1.0):
+        raise ValueError(f"mm_processor_kwargs.{REQUEST_BUDGET_KEY} must be in (0, 1], got {b}")
+    return b

@@ -1,0 +1,340 @@
+"""Frame level (Sec. 3.2): instruction relevance, DPP kernel, fast greedy MAP inference.
+
+Reference implementations (the Triton kernels are tested against these):
+
+* :func:`relevance` (Eq. 8)
+* :func:`dpp_kernel` / :func:`block_diagonal_kernel` (Eq. 9-10), explicit kernels
+* :func:`greedy_map` -- explicit PSD kernel, one set (Chen, Zhang, Zhou, NeurIPS 2018)
+* :func:`greedy_map_batched` -- many segments at once, kernel rows computed from features
+
+Greedy MAP (Chen et al. 2018): d_i^2 = L_ii; repeat: j = argmax_i d_i^2 over the unselected,
+e_i = (L_ji - <c_j, c_i>) / d_j, c_i <- [c_i, e_i], d_i^2 -= e_i^2.
+log det(L_{S+i}) - log det(L_S) = log d_i^2, so this is exactly the brute-force greedy.
+State in fp32 (float64 when the input is float64).
+
+Tie-break: the lowest index among the candidates with d_i^2 >= max d^2 - rel_eps * max_i L_ii.
+Exact ties (duplicated tokens) differ only by round-off, which depends on how the kernel
+entries were computed (GEMM vs GEMV, Triton vs PyTorch); the tolerance makes every
+implementation pick the same token.
+
+Stop rule: the step stops once max d_i^2 < max(eps, rel_eps * max_i L_ii) (eps = 1e-10 as in
+the reference code; rel_eps, default 1e-5 for an fp32 state and 1e-12 for float64, guards
+against round-off residuals of a rank-deficient kernel, e.g. duplicated tokens, whose d_i^2
+is ~1e-7 L_ii in fp32 instead of 0: without it the greedy would pick by round-off noise). The remaining picks are then filled deterministically in fallback order: by
+``fallback_scores`` descending (default: the kernel diagonal L_ii, i.e. relevance-weighted
+norm), ties by lowest index, among the unselected. Exactly k indices are always returned.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .config import HieraVidConfig
+
+__all__ = [
+    "relevance",
+    "kernel_features",
+    "dpp_kernel",
+    "block_diagonal_kernel",
+    "greedy_map",
+    "greedy_map_batched",
+    "segment_layout",
+    "frame_level_select",
+]
+
+_TINY = 1e-30
+
+
+def _state_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _default_rel_eps(dtype: torch.dtype) -> float:
+    return 1e-12 if dtype == torch.float64 else 1e-5
+
+
+# ------------------------------------------------------------------------------------------
+# relevance and kernels
+# ------------------------------------------------------------------------------------------
+def relevance(Hv: torch.Tensor, Ht: Optional[torch.Tensor], sign: int = 1,
+              source: str = "last") -> torch.Tensor:
+    """Eq. 8: r = min-max(softmax(H_t H_v^T / sqrt(d))) -> (n,) fp32 in [0, 1].
+
+    ``Hv`` (n, d) visual tokens; ``Ht`` (d,) the last instruction token, or (q, d) several
+    instruction tokens: ``source="last"`` uses the last row, ``source="mean"`` averages the
+    softmax attention rows over the q tokens (Table 7: averaged attention). ``sign=-1``
+    negates the attention before min-max (authors' code, from CDPruner). ``Ht=None`` or a
+    constant score (max = min) gives r = 1 for every token.
+    """
+    n = Hv.shape[0]
+    if Ht is None or n == 0:
+        return torch.ones(n, dtype=torch.float32, device=Hv.device)
+    q = Ht.to(Hv.device, torch.float32)
+    if q.dim() == 1:
+        q = q.unsqueeze(0)
+    if source == "last":
+        q = q[-1:]
+    elif source != "mean":
+        raise ValueError(f"source must be 'last' or 'mean', got {source!r}")
+    d = Hv.shape[-1]
+    logits = q @ Hv.to(torch.float32).T / math.sqrt(d)          # (q, n)
+    p = torch.softmax(logits, dim=-1).mean(0)
+    if sign == -1:
+        p = -p
+    elif sign != 1:
+        raise ValueError(f"sign must be +1 or -1, got {sign}")
+    lo, hi = p.min(), p.max()
+    rng = hi - lo
+    if not bool(rng > 0):
+        return torch.ones_like(p)
+    return (p - lo) / rng
+
+
+def kernel_features(H: torch.Tensor, kind: str = "dot") -> Tuple[torch.Tensor, float]:
+    """Features V and scale s with L = s V V^T: dot (Eq. 9: H H^T / d) or cosine."""
+    if kind == "dot":
+        return H, 1.0 / H.shape[-1]
+    if kind == "cosine":
+        Hf = H.to(_state_dtype(H))
+        nrm = torch.linalg.vector_norm(Hf, dim=-1, keepdim=True).clamp_min(1e-12)
+        return Hf / nrm, 1.0
+    raise ValueError(f"kernel must be 'dot' or 'cosine', got {kind!r}")
+
+
+def dpp_kernel(Hv: torch.Tensor, r: Optional[torch.Tensor] = None,
+               kind: str = "dot") -> torch.Tensor:
+    """Eq. 9: L~ = diag(r) (Hv Hv^T / d) diag(r), explicit (n, n), fp32 (float64 stays)."""
+    V, s = kernel_features(Hv, kind)
+    V = V.to(_state_dtype(Hv))
+    L = (V @ V.T) * s
+    if r is not None:
+        rr = r.to(L.dtype)
+        L = rr.unsqueeze(1) * L * rr.unsqueeze(0)
+    return L
+
+
+def block_diagonal_kernel(Hv: torch.Tensor, r: Optional[torch.Tensor],
+                          segment_ids: torch.Tensor, kind: str = "dot") -> torch.Tensor:
+    """Eq. 10: L~ restricted to pairs in the same segment (zeros across segments)."""
+    L = dpp_kernel(Hv, r, kind)
+    seg = segment_ids.to(L.device)
+    return L * (seg.unsqueeze(1) == seg.unsqueeze(0)).to(L.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# greedy MAP
+# ------------------------------------------------------------------------------------------
+def _first_argmax(x: torch.Tensor, mx: torch.Tensor, tol) -> torch.Tensor:
+    """Lowest index i with x_i >= max - tol (deterministic on every device)."""
+    n = x.shape[-1]
+    ar = torch.arange(n, device=x.device)
+    lim = (mx - tol).unsqueeze(-1) if torch.is_tensor(tol) else mx.unsqueeze(-1) - tol
+    return torch.where(x >= lim, ar, torch.full_like(ar, n)).min(-1).values
+
+
+def greedy_map(L: torch.Tensor, k: int, eps: float = 1e-10, rel_eps: Optional[float] = None,
+               fallback_scores: Optional[torch.Tensor] = None) -> torch.LongTensor:
+    """Fast greedy MAP of a DPP (Eq. 7) on an explicit PSD kernel ``L`` (n, n).
+
+    Returns a LongTensor (k,) of distinct indices in selection order (module docstring:
+    incremental Cholesky, stop rule, fallback, tie-break lowest index). O(n k^2) time,
+    O(n k) memory. ``k`` in [0, n].
+    """
+    if L.dim() != 2 or L.shape[0] != L.shape[1]:
+        raise ValueError(f"L must be square (n, n), got {tuple(L.shape)}")
+    n = L.shape[0]
+    k = int(k)
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    dt = _state_dtype(L)
+    Lw = L.to(dt)
+    dev = L.device
+    out = torch.empty(k, dtype=torch.int64, device=dev)
+    if k == 0:
+        return out
+    diag = torch.diagonal(Lw).clone()
+    d2 = diag.clone()
+    rel = _default_rel_eps(dt) if rel_eps is None else rel_eps
+    tie = rel * max(float(diag.max()), 0.0)
+    thr = max(eps, tie)
+    c = torch.zeros(k, n, dtype=dt, device=dev)
+    avail = torch.ones(n, dtype=torch.bool, device=dev)
+    neg_inf = torch.tensor(float("-inf"), dtype=dt, device=dev)
+    m = 0
+    for step in range(k):
+        cand = torch.where(avail, d2, neg_inf)
+        mx = cand.max()
+        if not bool(mx >= thr):
+            break
+        j = int(_first_argmax(cand, mx, tie))
+        out[step] = j
+        avail[j] = False
+        e = (Lw[j] - c[:step, j] @ c[:step]) / torch.sqrt(mx)
+        c[step] = e
+        d2 = d2 - e * e
+        m = step + 1
+    if m < k:
+        fb = diag if fallback_scores is None else fallback_scores.to(dev, dt)
+        key = torch.where(avail, -fb, torch.full_like(fb, float("inf")))
+        order = torch.sort(key, stable=True).indices
+        out[m:] = order[: k - m]
+    return out
+
+
+def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor,
+                       weights: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                       eps: float = 1e-10, rel_eps: Optional[float] = None,
+                       fallback_scores: Optional[torch.Tensor] = None,
+                       materialize: Optional[bool] = None) -> torch.LongTensor:
+    """Greedy MAP on S independent kernels at once, rows computed from features.
+
+    ``features`` (S, n_max, C): segment s holds tokens 0..lengths[s]-1 (rest is padding);
+    the kernel of segment s is L~_ij = w_i w_j <h_i, h_j> * scale (Eq. 9 with w = r, scale =
+    1/d by default). By default it is not materialised: each step computes one row per
+    segment, so the cost is O(n k C + n k^2) instead of O(n^2 C). ``materialize=True`` forms
+    the per-segment Gram matrices once (one batched GEMM, S n_max^2 memory), which is faster
+    when k is a large share of n; ``None`` picks it when k_max >= n_max / 8 and the Gram
+    matrices fit in 2^26 elements. ``ks`` (S,) picks per segment (0 <= k_s <= lengths[s]).
+    Same algorithm, stop rule, fallback and tie-break as :func:`greedy_map`, so it returns
+    the same selection as ``greedy_map`` on each explicit sub-kernel (``fallback_scores``
+    (S, n_max) default: the kernel diagonal).
+
+    Returns LongTensor (S, max k) of within-segment positions in selection order, padded -1.
+    """
+    S, n, C = features.shape
+    dev = features.device
+    dt = _state_dtype(features)
+    lengths = lengths.to(dev, torch.int64)
+    ks = ks.to(dev, torch.int64)
+    if bool((ks < 0).any()) or bool((ks > lengths).any()):
+        raise ValueError("every k_s must be in [0, lengths[s]]")
+    kmax = int(ks.max()) if S else 0
+    sel = torch.full((S, kmax), -1, dtype=torch.int64, device=dev)
+    if kmax == 0:
+        return sel
+    H = features.to(dt)
+    ar_n = torch.arange(n, device=dev)
+    ar_s = torch.arange(S, device=dev)
+    valid = ar_n.unsqueeze(0) < lengths.unsqueeze(1)
+    w = torch.ones(S, n, dtype=dt, device=dev) if weights is None else weights.to(dev, dt)
+    w = torch.where(valid, w, torch.zeros_like(w))
+    sc = (1.0 / C) if scale is None else float(scale)
+    diag = (H * H).sum(-1) * sc * w * w
+    diag = torch.where(valid, diag, torch.zeros_like(diag))
+    d2 = diag.clone()
+    rel = _default_rel_eps(dt) if rel_eps is None else rel_eps
+    tie = diag.max(-1).values.clamp_min(0) * rel
+    thr = tie.clamp_min(eps)
+    if materialize is None:
+        materialize = kmax * 8 >= n and S * n * n <= (1 << 26)
+    G = None
+    if materialize:
+        G = torch.bmm(H, H.transpose(1, 2)) * sc * w.unsqueeze(-1) * w.unsqueeze(1)
+    c = torch.zeros(S, kmax, n, dtype=dt, device=dev)
+    avail = valid.clone()
+    active = ks > 0
+    neg_inf = torch.tensor(float("-inf"), dtype=dt, device=dev)
+    for step in range(kmax):
+        cand = torch.where(avail, d2, neg_inf)
+        mx = cand.max(-1).values
+        ok = active & (step < ks) & (mx >= thr)
+        active = ok
+        j = torch.where(ok, _first_argmax(cand, mx, tie).clamp_max(n - 1), torch.zeros_like(ks))
+        if G is not None:
+            row = G[ar_s, j]                                           # (S, n)
+        else:
+            hj = H[ar_s, j]                                            # (S, C)
+            row = torch.bmm(H, hj.unsqueeze(-1)).squeeze(-1) * sc * w * w[ar_s, j].unsqueeze(-1)
+        if step:
+            cj = c[:, :step, :].gather(2, j.view(S, 1, 1).expand(S, step, 1)).squeeze(-1)
+            row = row - torch.bmm(cj.unsqueeze(1), c[:, :step, :]).squeeze(1)
+        e = row / torch.sqrt(torch.where(ok, mx, torch.ones_like(mx))).unsqueeze(-1)
+        e = torch.where(ok.unsqueeze(-1), e, torch.zeros_like(e))
+        c[:, step, :] = e
+        d2 = d2 - e * e
+        sel[:, step] = torch.where(ok, j, torch.full_like(j, -1))
+        avail = avail & ~((ar_n.unsqueeze(0) == j.unsqueeze(-1)) & ok.unsqueeze(-1))
+    picked = (sel >= 0).sum(-1)
+    if bool((picked < ks).any()):
+        fb = diag if fallback_scores is None else fallback_scores.to(dev, dt)
+        key = torch.where(avail, -fb, torch.full_like(fb, float("inf")))
+        order = torch.sort(key, dim=-1, stable=True).indices          # (S, n)
+        ar_k = torch.arange(kmax, device=dev).unsqueeze(0)
+        src = (ar_k - picked.unsqueeze(-1)).clamp(0, n - 1)
+        fill = order.gather(1, src)
+        mask = (ar_k >= picked.unsqueeze(-1)) & (ar_k < ks.unsqueeze(-1))
+        sel = torch.where(mask, fill, sel)
+    return sel
+
+
+# ------------------------------------------------------------------------------------------
+# one frame-level selection (one stage)
+# ------------------------------------------------------------------------------------------
+def segment_layout(segment_ids: torch.Tensor,
+                   num_segments: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Padded layout of tokens by segment: index (M, n_max) (token ids ascending, -1 pad)
+    and lengths (M,). Vectorised (stable sort by segment id)."""
+    seg = segment_ids.to(torch.int64)
+    n = seg.shape[0]
+    dev = seg.device
+    M = int(num_segments) if num_segments is not None else (int(seg.max()) + 1 if n else 0)
+    lengths = torch.bincount(seg, minlength=M)[:M] if n else torch.zeros(
+        M, dtype=torch.int64, device=dev)
+    n_max = int(lengths.max()) if M else 0
+    index = torch.full((M, n_max), -1, dtype=torch.int64, device=dev)
+    if n:
+        order = torch.sort(seg, stable=True).indices
+        starts = torch.cumsum(lengths, 0) - lengths
+        s_sorted = seg[order]
+        pos = torch.arange(n, device=dev) - starts[s_sorted]
+        index[s_sorted, pos] = order
+    return index, lengths
+
+
+def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
+                       segment_ids: torch.Tensor, target: int, config: HieraVidConfig,
+                       use_dpp: bool = True,
+                       num_segments: Optional[int] = None) -> torch.LongTensor:
+    """One pruning stage on ``hidden`` (n, C): keep ``target`` tokens, ascending positions.
+
+    1. r = :func:`relevance` of the tokens to ``query`` (Eq. 8; r = 1 when ``query`` is None);
+    2. per-segment counts k_m by Eq. 4-5 (``schedule.segment_counts``), sum = ``target``;
+    3. ``use_dpp``: per-segment greedy MAP on L~_m (Eq. 9-10), batched over segments, relevance
+       order as fallback; otherwise (relevance-only stage) the k_m most relevant tokens of each
+       segment (ties: lowest index).
+    Segment ids must be in temporal order (Eq. 4 uses left / right neighbours).
+    """
+    from .schedule import segment_counts  # local import: schedule imports nothing from here
+
+    n = hidden.shape[0]
+    dev = hidden.device
+    target = int(target)
+    if not 0 <= target <= n:
+        raise ValueError(f"target must be in [0, {n}], got {target}")
+    if target == n:
+        return torch.arange(n, dtype=torch.int64, device=dev)
+    if target == 0:
+        return torch.empty(0, dtype=torch.int64, device=dev)
+    seg = segment_ids.to(dev, torch.int64)
+    index, lengths = segment_layout(seg, num_segments)
+    M, n_max = index.shape
+    r = relevance(hidden, query, config.relevance_sign, config.relevance_source)
+    ks = segment_counts(hidden, seg, target, config, num_segments=M).to(dev)
+    valid = index >= 0
+    safe = index.clamp_min(0)
+    r_pad = torch.where(valid, r[safe], torch.zeros_like(r[safe]))
+    if use_dpp:
+        V, sc = kernel_features(hidden, config.dpp_kernel)
+        feats = V[safe]                                               # (M, n_max, C)
+        sel = greedy_map_batched(feats, lengths, ks, weights=r_pad, scale=sc,
+                                 eps=config.dpp_eps, fallback_scores=r_pad)
+    else:
+        key = torch.where(valid, -r_pad, torch.full_like(r_pad, float("inf")))
+        sel = torch.sort(key, dim=-1, stable=True).indices[:, : int(ks.max())]
+        ar = torch.arange(sel.shape[1], device=dev).unsqueeze(0)
+        sel = torch.where(ar < ks.unsqueeze(-1), sel, torch.full_like(sel, -1))
+    keep = sel >= 0
+    tok = index.gather(1, sel.clamp_min(0))[keep]
+    return torch.sort(tok).values

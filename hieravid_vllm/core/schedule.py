@@ -1,0 +1,342 @@
+"""Budget schedule: per-stage retention, exact kept counts, per-segment counts.
+
+Layer-level balancing (Sec. 3.3, Eq. 11)
+----------------------------------------
+The LLM is split into n stages (first layers ``HieraVidConfig.stage_boundaries``: 0, 7, 14, 21
+for 28 layers). Stage 1 sees the tokens left by static-token merging,
+|H_v^1| = |H_v^0| (1 - R_merge); stage i >= 2 sees |H_v^i| = |H_v^0| (1 - R_merge)
+prod_{k=2..i} (1 - R_prune^k) (Eq. 11; we index R_prune^k by the stage it produces).
+
+The paper gives neither R_merge nor the R_prune^k, only the relative budget b and that more
+tokens are kept early and fewer late. We use the simplest family with that property, a
+**geometric decay with a constant per-stage prune ratio** (PyramidDrop, which the paper cites
+for its multi-stage design, uses a constant per-stage ratio too):
+
+    rho_i = min(1, c * q^(i-1)),   sum_i w_i rho_i = b,   w_i = layers in stage i / layers,
+
+with q = ``stage_decay`` (default 0.65, i.e. R_prune^i = 0.35 in every pruning stage) and c
+solved exactly (the capped stages form a prefix, so c has a closed form per prefix length).
+So R_merge = 1 - rho_1 and R_prune^i = 1 - rho_i / rho_{i-1}. Budget 1.0 gives rho = 1
+everywhere (nothing merged or pruned); q = 1 gives uniform retention b in every layer.
+
+Why q = 0.65: with Eq. 12 (``core.flops``) it reproduces the paper's FLOPs column at b = 0.3,
+24.4% vs 24.5% (LLaVA-Video-7B, Table 1) and 26.4% vs 26.3% (LLaVA-OneVision-7B, Table 2),
+where uniform 30% gives 23.9% / 26.0%. Retention per stage at q = 0.65:
+
+    b = 0.3: 0.511, 0.332, 0.216, 0.140
+    b = 0.2: 0.341, 0.222, 0.144, 0.094
+    b = 0.1: 0.170, 0.111, 0.072, 0.047
+
+The paper's 0.2 / 0.1 FLOPs (17.2% / 8.5% on LLaVA-Video) cannot be reached by any schedule
+whose layer-averaged share is b without keeping almost nothing after stage 1; we keep the
+budget definition (layer-averaged share = b) and report the gap (benchmarks/flops.py).
+
+Exact integer counts (vLLM must know them before seeing content)
+----------------------------------------------------------------
+For N visual tokens: K = round(R_merge * N) (round half up), capped by the number of tokens
+that can be merged at all ((T-1) H' W', ``max_merge``); n_1 = N - K;
+n_i = min(n_{i-1}, max(1, round(rho_i * N))) for i >= 2 (at least one visual token per stage
+when N >= 1). Each n_i is within 1 token of rho_i * N (K capped aside), so the layer-averaged
+share equals b within 1 / N. ``input_only`` mode (Table 4 ablation): every layer sees
+round(b * N); merging uses the same R_merge (clamped so that N - K >= round(b * N)) and one
+DPP selection before the LLM brings it down to round(b * N).
+
+Segment budget allocation (Sec. 3.1.2, Eq. 4-5): :func:`segment_counts`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .config import DEFAULT_NUM_LAYERS, HieraVidConfig
+
+__all__ = [
+    "StageSchedule",
+    "stage_retention",
+    "build_schedule",
+    "round_half_up",
+    "segment_scores",
+    "allocate_segment_counts",
+    "segment_counts",
+]
+
+
+def round_half_up(x: float) -> int:
+    """Deterministic rounding used for every count: floor(x + 0.5)."""
+    return int(math.floor(x + 0.5))
+
+
+def _solve_capped_geometric(target: float, weights: Sequence[float], shape: Sequence[float],
+                            cap: float) -> List[float]:
+    """rho_i = min(cap, c * shape_i) with sum_i w_i rho_i = target (shape non-increasing)."""
+    total_w = sum(weights)
+    if target >= cap * total_w - 1e-15:
+        return [cap] * len(weights)
+    if target <= 0:
+        return [0.0] * len(weights)
+    # the capped stages are a prefix j = 0..n-1; find the consistent one
+    for j in range(len(weights)):
+        rest = sum(w * s for w, s in zip(weights[j:], shape[j:]))
+        c = (target - cap * sum(weights[:j])) / rest
+        ok_uncapped = c * shape[j] <= cap + 1e-15
+        ok_capped = j == 0 or c * shape[j - 1] >= cap - 1e-15
+        if ok_uncapped and ok_capped:
+            return [cap] * j + [min(cap, c * s) for s in shape[j:]]
+    raise AssertionError("unreachable: target < cap * sum(weights)")  # pragma: no cover
+
+
+def stage_retention(budget: float, layers_per_stage: Sequence[int], decay: float = 0.65,
+                    merge_ratio: Optional[float] = None) -> List[float]:
+    """Continuous per-stage retention rho_i (share of the original N) for Eq. 11.
+
+    ``rho_i = min(1, c q^(i-1))`` with the layer-weighted mean equal to ``budget``. With an
+    explicit ``merge_ratio`` rho_1 = 1 - R_merge is fixed and stages 2..n follow
+    ``min(rho_1, c q^(i-2))`` with the remaining share; raises ValueError when no such
+    schedule exists (merge keeps fewer than the budget, or more than the budget allows).
+    """
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    total = float(sum(layers_per_stage))
+    w = [lp / total for lp in layers_per_stage]
+    n = len(w)
+    if merge_ratio is None:
+        return _solve_capped_geometric(budget, w, [decay ** i for i in range(n)], 1.0)
+    rho1 = 1.0 - merge_ratio
+    if n == 1:
+        if abs(rho1 - budget) > 1e-12:
+            raise ValueError(
+                f"merge_ratio={merge_ratio} with a single stage must equal 1 - budget "
+                f"({1 - budget:g})")
+        return [rho1]
+    rest = budget - w[0] * rho1
+    if rho1 < budget - 1e-12:
+        raise ValueError(
+            f"merge_ratio={merge_ratio} keeps {rho1:g} of the tokens, less than the budget "
+            f"{budget:g}; merge_ratio must be <= 1 - budget")
+    if rest <= 0:
+        raise ValueError(
+            f"merge_ratio={merge_ratio} leaves too many tokens: stage 1 alone exceeds the "
+            f"budget {budget:g}; merge_ratio must be > {1 - budget / w[0]:g}")
+    later = _solve_capped_geometric(rest, w[1:], [decay ** i for i in range(n - 1)], rho1)
+    return [rho1] + later
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """Exact per-stage visual-token counts for one video.
+
+    ``counts[i]`` is the number of visual tokens seen by every layer of stage i (layers
+    ``boundaries[i] .. boundaries[i+1]-1``); ``counts[0] = num_visual - merge_count``.
+    ``uses_dpp[i]`` says whether the pruning that produces stage i runs the DPP (False for
+    stage 0, the merge, and for relevance-only stages).
+    """
+
+    num_visual: int
+    num_layers: int
+    mode: str
+    boundaries: Tuple[int, ...]
+    layers_per_stage: Tuple[int, ...]
+    retention: Tuple[float, ...]
+    counts: Tuple[int, ...]
+    merge_count: int
+    uses_dpp: Tuple[bool, ...]
+    input_target: int  # visual tokens entering the LLM (counts[0])
+
+    @property
+    def merge_ratio(self) -> float:
+        return self.merge_count / self.num_visual if self.num_visual else 0.0
+
+    @property
+    def prune_ratios(self) -> Tuple[float, ...]:
+        """R_prune^i = 1 - counts[i] / counts[i-1] for stages 2..n (Eq. 11)."""
+        return tuple(1.0 - (b / a if a else 1.0) for a, b in zip(self.counts, self.counts[1:]))
+
+    def tokens_per_layer(self) -> List[int]:
+        """Visual tokens at the input of each of the ``num_layers`` layers."""
+        out: List[int] = []
+        for c, lp in zip(self.counts, self.layers_per_stage):
+            out.extend([c] * lp)
+        return out
+
+    def layer_mean_share(self) -> float:
+        """Layer-averaged share of visual tokens (equals the budget within 1 / N)."""
+        if not self.num_visual:
+            return 0.0
+        return sum(self.tokens_per_layer()) / (self.num_layers * self.num_visual)
+
+
+def build_schedule(config: HieraVidConfig, num_visual: int,
+                   num_layers: int = DEFAULT_NUM_LAYERS,
+                   max_merge: Optional[int] = None) -> StageSchedule:
+    """Exact integer schedule for ``num_visual`` tokens (Eq. 11; module docstring).
+
+    ``max_merge``: how many tokens can be merged at all ((T-1) * H' * W' for a video of T
+    frames); K is capped by it (a single frame has nothing to merge). Counts depend only on
+    (config, num_visual, num_layers, max_merge), never on content.
+    """
+    if num_visual < 0:
+        raise ValueError(f"num_visual must be >= 0, got {num_visual}")
+    bounds = config.stage_boundaries(num_layers)
+    lps = config.layers_per_stage(num_layers)
+    rho = stage_retention(config.budget, lps, config.stage_decay, config.merge_ratio)
+    N = num_visual
+    r_merge = 1.0 - rho[0]
+    K = round_half_up(r_merge * N)
+    if max_merge is not None:
+        K = min(K, max(0, int(max_merge)))
+    K = max(0, min(K, N))
+    n_stages = len(lps)
+    uses_dpp = tuple(i > 0 and (i + 1) >= config.dpp_from_stage for i in range(n_stages))
+    if config.mode == "input_only":
+        target = min(N, max(1 if N else 0, round_half_up(config.budget * N)))
+        K = min(K, N - target)
+        counts = tuple([target] * n_stages)
+        return StageSchedule(N, num_layers, config.mode, tuple(bounds), tuple(lps),
+                             tuple([config.budget] * n_stages), counts, K,
+                             tuple([False] * n_stages), target)
+    counts = [N - K]
+    for r in rho[1:]:
+        c = max(1 if N else 0, round_half_up(r * N))
+        counts.append(min(counts[-1], c))
+    return StageSchedule(N, num_layers, config.mode, tuple(bounds), tuple(lps), tuple(rho),
+                         tuple(counts), K, uses_dpp, counts[0])
+
+
+# ------------------------------------------------------------------------------------------
+# Segment budget allocation (Sec. 3.1.2)
+# ------------------------------------------------------------------------------------------
+def _cos(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Row-wise cosine, 0 when either vector is zero."""
+    num = (a * b).sum(-1)
+    den = a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(den > eps, num / den.clamp_min(eps), torch.zeros_like(num))
+
+
+def segment_scores(g: torch.Tensor, lam: float = 0.5,
+                   missing_neighbor: str = "neutral") -> torch.Tensor:
+    """Eq. 4: b_m = lambda s(g_m, g_r) + (1 - lambda)(1 - s(g_m, g_l)), float64, shape (M,).
+
+    ``g`` (M, C): mean-pooled features of the segments in temporal order; g_l / g_r are the
+    SUMS of the segment features left / right of m (as printed). Edge cases the paper skips:
+    segment 1 has no left and segment M no right neighbours. ``missing_neighbor="neutral"``
+    (default): the missing term takes the mean of the same term over the segments that have
+    it, so position alone does not move a segment's budget (with M = 2 both scores are equal,
+    hence no deviation); ``"zero"``: the empty sum is the zero vector and its cosine is 0
+    (first segment maximally diverse, last segment minimally representative). M = 1: [0.5].
+    """
+    g = g.to(torch.float64)
+    M = g.shape[0]
+    if M <= 1:
+        return torch.full((M,), 0.5, dtype=torch.float64, device=g.device)
+    csum = torch.cumsum(g, 0)
+    g_l = csum - g                      # sum of segments 0..m-1
+    g_r = csum[-1:] - csum              # sum of segments m+1..M-1
+    s_l = _cos(g, g_l)
+    s_r = _cos(g, g_r)
+    if missing_neighbor == "neutral":
+        s_l = s_l.clone()
+        s_r = s_r.clone()
+        s_l[0] = s_l[1:].mean()
+        s_r[-1] = s_r[:-1].mean()
+    elif missing_neighbor != "zero":
+        raise ValueError(f"missing_neighbor must be 'neutral' or 'zero', got {missing_neighbor!r}")
+    return lam * s_r + (1.0 - lam) * (1.0 - s_l)
+
+
+def allocate_segment_counts(lengths: torch.Tensor, keep_ratio: torch.Tensor,
+                            target: int) -> torch.Tensor:
+    """Integer counts x_m in [0, len_m] with sum x_m = target, close to keep_ratio_m * len_m.
+
+    Reconciliation (deterministic): a common shift tau of the keep ratios is found by
+    bisection so that sum_m len_m * clip(keep_m + tau, 0, 1) = target (the shift keeps Eq. 5's
+    form base + R_var z), then largest remainder: floors, and the missing units go to the
+    segments with the largest fractional part (ties: lower segment index), never above len_m.
+    """
+    lengths = lengths.to(torch.int64)
+    M = lengths.shape[0]
+    total = int(lengths.sum())
+    if not 0 <= target <= total:
+        raise ValueError(f"target {target} outside [0, {total}] (tokens available)")
+    dev = lengths.device
+    if M == 0 or target == 0:
+        return torch.zeros(M, dtype=torch.int64, device=dev)
+    if target == total:
+        return lengths.clone()
+    lf = lengths.to(torch.float64)
+    kr = keep_ratio.to(torch.float64).to(dev)
+
+    def _sum(tau: float) -> float:
+        return float((lf * (kr + tau).clamp(0.0, 1.0)).sum())
+
+    lo = -1.0 - float(kr.max())   # every segment at 0: sum 0 <= target
+    hi = 1.0 - float(kr.min())    # every segment full: sum total >= target
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if _sum(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    y = lf * (kr + lo).clamp(0.0, 1.0)
+    base = torch.minimum(torch.floor(y).to(torch.int64), lengths)
+    r = target - int(base.sum())
+    frac = (y - base.to(torch.float64))
+    eligible = base < lengths
+    # largest remainder among eligible; ties by index (stable sort of -frac)
+    key = torch.where(eligible, -frac, torch.full_like(frac, float("inf")))
+    order = torch.sort(key, stable=True).indices
+    n_el = int(eligible.sum())
+    give = min(max(r, 0), n_el)
+    add = torch.zeros(M, dtype=torch.int64, device=dev)
+    add[order[:give]] = 1
+    counts = base + add
+    left = target - int(counts.sum())
+    if left > 0:  # only reachable through float round-off: fill spare capacity in index order
+        cap = lengths - counts
+        before = torch.cumsum(cap, 0) - cap
+        counts = counts + (left - before).clamp(min=0).minimum(cap)
+    elif left < 0:  # pragma: no cover - lo keeps sum(y) <= target
+        raise AssertionError("allocation overshoot")
+    return counts
+
+
+def segment_counts(features: torch.Tensor, segment_ids: torch.Tensor, target: int,
+                   config: HieraVidConfig, num_segments: Optional[int] = None) -> torch.Tensor:
+    """Per-segment kept counts for one pruning stage (Eq. 4-5), summing exactly to ``target``.
+
+    ``features`` (n, C) are the tokens entering the stage, ``segment_ids`` (n,) their segment
+    (ids in temporal order, 0..M-1). g_m = mean of segment m's tokens; b_m by Eq. 4; Eq. 5
+    gives R^{i,m} = R^i + R_var (b_m - mean b) / std b (population std; std = 0 or a single
+    non-empty segment: no deviation). Sign: Eq. 5 literally makes a higher b_m prune MORE,
+    but the text says segments with richer / more diverse content retain more, and the
+    authors' code computes keep = base + R_var * z; we follow the text and the code by default
+    (keep_m = base_keep + R_var z_m) and ``segment_score_keeps_more=False`` gives the literal
+    Eq. 5. base_keep = target / n. Reconciled by :func:`allocate_segment_counts`.
+    Returns int64 (M,), empty segments get 0.
+    """
+    seg = segment_ids.to(torch.int64)
+    n = seg.shape[0]
+    M = int(num_segments) if num_segments is not None else (int(seg.max()) + 1 if n else 0)
+    lengths = torch.bincount(seg, minlength=M)[:M] if n else torch.zeros(
+        M, dtype=torch.int64, device=seg.device)
+    if n == 0 or M == 0:
+        if target != 0:
+            raise ValueError(f"target {target} with no tokens")
+        return torch.zeros(M, dtype=torch.int64, device=seg.device)
+    base_keep = target / n
+    nonempty = lengths > 0
+    z = torch.zeros(M, dtype=torch.float64, device=seg.device)
+    if int(nonempty.sum()) > 1 and config.r_var > 0:
+        sums = torch.zeros(M, features.shape[-1], dtype=torch.float32, device=features.device)
+        sums.index_add_(0, seg.to(features.device), features.to(torch.float32))
+        g = sums / lengths.clamp_min(1).to(sums.device, torch.float32).unsqueeze(-1)
+        idx = torch.nonzero(nonempty).squeeze(-1)
+        b = segment_scores(g[idx.to(g.device)], config.lam, config.missing_neighbor).to(seg.device)
+        std = b.std(correction=0)
+        if float(std) > 1e-12:
+            z[idx] = (b - b.mean()) / std
+    sign = 1.0 if config.segment_score_keeps_more else -1.0
+    keep = base_keep + sign * config.r_var * z
+    return allocate_segment_counts(lengths, keep, int(target))

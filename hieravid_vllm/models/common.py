@@ -26,7 +26,7 @@ from hieravid_vllm.core.schedule import build_schedule
 from hieravid_vllm.options import CONFIG_KEY, ServingOptions
 from hieravid_vllm import metrics
 
-logger = logging.getLogger("hieravid_vllm")
+logger = logging.getLogger("vllm.hieravid_vllm")
 
 #: Directory where every pruned video's vision features and kept indices are saved
 #: (debug/test hook; off when unset).

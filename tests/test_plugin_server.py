@@ -1,0 +1,237 @@
+"""HieraVid plugin end to end: real vLLM OpenAI servers on tiny local models, real mp4s.
+
+Checks (issue: vLLM plugin, input stage):
+* ``usage.prompt_tokens`` = text tokens (HF processor) + the schedule's kept count;
+* the tokens the server keeps are the ones the core selects from the same vision features
+  (server-side dumps through ``HIERAVID_DEBUG_DIR``), and those features equal the vision
+  features transformers computes for the same frames;
+* greedy answers: alone == inside a batch of 8 mixed video/text requests; prefix caching on
+  (same video, second question, video served from the cache) == prefix caching off with
+  chunked prefill in small steps.
+Servers start one class at a time (class-scoped fixtures) to bound memory.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import numpy as np
+import pytest
+import torch
+
+from hieravid_vllm.core import HieraVidConfig
+from hieravid_vllm.core.pipeline import prune_input_stage
+from hieravid_vllm.core.schedule import build_schedule
+from hieravid_vllm.testing.hf_reference import hf_video_prompt
+from hieravid_vllm.testing.models import build_tiny_model
+from hieravid_vllm.testing.server import VLLMServer
+from hieravid_vllm.testing.video import read_video_frames, video_data_url, write_scene_video
+
+pytestmark = pytest.mark.vllm
+
+FPS = 8.0
+BUDGET = 0.3
+# Two questions sharing a long common part after the video, so that a second question about
+# the same video is served with the whole video from the prefix cache (blocks of 32 tokens).
+COMMON = ("Please watch the whole clip carefully from the first frame to the last frame and "
+          "pay attention to every moving shape, every colour and every change of scene. ")
+QUESTIONS = [COMMON + "What happens first?", COMMON + "How many scenes are there?"]
+RESULTS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videos")
+    a = write_scene_video(d / "a.mp4", num_frames=32, width=112, height=112, fps=FPS, seed=1)
+    b = write_scene_video(d / "b.mp4", num_frames=16, width=112, height=140, fps=FPS,
+                          num_scenes=2, seed=2)
+    return {"a": a.path, "b": b.path}
+
+
+def _video_msg(path, question):
+    return [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": video_data_url(path)}},
+        {"type": "text", "text": question}]}]
+
+
+def _chat(server, messages, max_tokens=8):
+    r = server.client().chat.completions.create(
+        model=server.model_name, messages=messages, max_tokens=max_tokens, temperature=0.0)
+    return r.choices[0].message.content, r.usage.prompt_tokens
+
+
+def _metric(server, name) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
+    vals = [float(l.split()[-1]) for l in text.splitlines() if l.startswith(name)]
+    assert vals, f"{name} not in /metrics"
+    return sum(vals)
+
+
+def _kept(cfg: HieraVidConfig, frames: int, per_frame: int, layers: int) -> int:
+    cfg = cfg.model_copy(update={"mode": "input_only"})  # layer-level stages not wired yet
+    return build_schedule(cfg, frames * per_frame, layers,
+                          max_merge=(frames - 1) * per_frame).input_target
+
+
+def _dumps(debug_dir):
+    return [torch.load(p) for p in sorted(debug_dir.glob("*.pt"))]
+
+
+def _check_dumps_match_core(debug_dir, n_expected):
+    dumps = _dumps(debug_dir)
+    assert len(dumps) >= n_expected
+    for d in dumps:
+        cfg = HieraVidConfig.model_validate(d["config"])
+        ref = prune_input_stage(d["features"], None, cfg, num_layers=d["num_layers"])
+        assert torch.equal(ref.kept_indices, d["kept_indices"])
+        assert ref.kept_indices.numel() == ref.schedule.input_target
+    return dumps
+
+
+def _start(model, tmp_path_factory, name, extra, env=None):
+    log = tmp_path_factory.mktemp("logs") / f"{name}.log"
+    return VLLMServer(model, extra_args=extra, video_fps=FPS, env=env, log_path=log,
+                      max_model_len=4096).start()
+
+
+# -------------------------------------------------------------------------------------------
+class TestQwen25Pruned:
+    @pytest.fixture(scope="class")
+    def model(self):
+        return build_tiny_model("qwen2_5_vl")
+
+    @pytest.fixture(scope="class")
+    def debug_dir(self, tmp_path_factory):
+        return tmp_path_factory.mktemp("hv-debug")
+
+    @pytest.fixture(scope="class")
+    def server(self, model, debug_dir, tmp_path_factory):
+        s = _start(model, tmp_path_factory, "qwen25-pruned",
+                   ["--hieravid-budget", str(BUDGET), "--max-num-seqs", "16"],
+                   env={"HIERAVID_DEBUG_DIR": str(debug_dir)})
+        yield s
+        s.stop()
+
+    def test_prompt_tokens_are_text_plus_kept(self, server, model, videos):
+        for key in ("a", "b"):
+            frames = read_video_frames(videos[key])
+            hf = hf_video_prompt(model, frames, QUESTIONS[0])
+            t = (frames.shape[0] + 1) // 2
+            per_frame = (frames.shape[1] // 28) * (frames.shape[2] // 28)
+            assert hf.video_tokens == t * per_frame
+            kept = _kept(HieraVidConfig(budget=BUDGET), t, per_frame, 4)
+            assert kept < hf.video_tokens
+            _, prompt_tokens = _chat(server, _video_msg(videos[key], QUESTIONS[0]))
+            assert prompt_tokens == hf.text_tokens + kept
+
+    def test_kept_tokens_are_the_core_selection_on_hf_features(self, server, model, videos,
+                                                               debug_dir):
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        # video "a" was served by the test above (vLLM's encoder cache serves repeats)
+        _chat(server, _video_msg(videos["a"], QUESTIONS[0]))
+        dumps = _check_dumps_match_core(debug_dir, 2)
+        # independent features: transformers' vision tower on the same decoded frames
+        proc = AutoProcessor.from_pretrained(model)
+        frames = read_video_frames(videos["a"])
+        enc = proc.video_processor(videos=[frames], return_tensors="pt")
+        hf_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model,
+                                                                      dtype=torch.float32)
+        with torch.no_grad():
+            feats = hf_model.model.get_video_features(enc["pixel_values_videos"],
+                                                      enc["video_grid_thw"])
+        feats = feats[0] if isinstance(feats, (tuple, list)) else getattr(
+            feats, "pooler_output", feats)
+        if isinstance(feats, (tuple, list)):
+            feats = torch.cat(list(feats))
+        t, h, w = enc["video_grid_thw"][0].tolist()
+        feats = feats.reshape(t, h // 2, w // 2, -1)
+        served = [d for d in dumps if d["features"].shape == feats.shape]
+        assert served, [tuple(d["features"].shape) for d in dumps]
+        served = served[-1]["features"]
+        torch.testing.assert_close(served, feats.float(), rtol=1e-3, atol=1e-4)
+        ref = prune_input_stage(feats.float(), None,
+                                HieraVidConfig(budget=BUDGET, mode="input_only"), num_layers=4)
+        assert torch.equal(ref.kept_indices, [d for d in dumps if d["features"].shape ==
+                                              feats.shape][-1]["kept_indices"])
+
+    def test_greedy_alone_equals_mixed_batch(self, server, videos):
+        alone = {}
+        jobs = []
+        for i in range(8):
+            if i % 2 == 0:
+                key, q = ("a", "b")[i // 2 % 2], QUESTIONS[i // 4]
+                jobs.append(("video", key, q))
+            else:
+                jobs.append(("text", None, f"Tell me a short story number {i}."))
+
+        def run(job):
+            kind, key, q = job
+            msgs = _video_msg(videos[key], q) if kind == "video" else \
+                [{"role": "user", "content": q}]
+            return _chat(server, msgs)
+
+        for job in jobs:
+            alone[job] = run(job)
+        with cf.ThreadPoolExecutor(8) as ex:
+            batched = list(ex.map(run, jobs))
+        for job, got in zip(jobs, batched):
+            assert got == alone[job], job
+        RESULTS["qwen25_alone"] = {job: alone[job] for job in jobs if job[0] == "video"}
+
+    def test_prefix_cached_second_question(self, server, videos):
+        # first question warms the prefix cache, the second reuses the video's blocks
+        first = _chat(server, _video_msg(videos["a"], QUESTIONS[0]))
+        hits0 = _metric(server, "vllm:prefix_cache_hits_total")
+        second = _chat(server, _video_msg(videos["a"], QUESTIONS[1]))
+        hits = _metric(server, "vllm:prefix_cache_hits_total") - hits0
+        frames = read_video_frames(videos["a"])
+        t, per_frame = (frames.shape[0] + 1) // 2, (frames.shape[1] // 28) ** 2
+        # the whole video (and the text before it) came from the cache
+        assert hits >= _kept(HieraVidConfig(budget=BUDGET), t, per_frame, 4) + 10
+        RESULTS["qwen25_prefix"] = {"first": first, "second": second}
+
+    def test_metrics_exported(self, server):
+        before = _metric(server, "hieravid_visual_tokens_before_total")
+        after = _metric(server, "hieravid_visual_tokens_after_total")
+        assert 0 < after < before
+
+
+class TestQwen25NoPrefixCacheChunked:
+    """Same requests with prefix caching off and chunked prefill in 48-token steps."""
+
+    @pytest.fixture(scope="class")
+    def server(self, tmp_path_factory):
+        s = _start(build_tiny_model("qwen2_5_vl"), tmp_path_factory, "qwen25-chunked",
+                   ["--hieravid-budget", str(BUDGET), "--no-enable-prefix-caching",
+                    "--enable-chunked-prefill", "--max-num-seqs", "4",
+                    "--max-num-batched-tokens", "48"])  # the last flag wins in argparse
+        yield s
+        s.stop()
+
+    def test_same_answers(self, server, videos):
+        assert "qwen25_alone" in RESULTS and "qwen25_prefix" in RESULTS, \
+            "run with TestQwen25Pruned first"
+        for (kind, key, q), want in RESULTS["qwen25_alone"].items():
+            assert _chat(server, _video_msg(videos[key], q)) == want
+        for which, q in (("first", QUESTIONS[0]), ("second", QUESTIONS[1])):
+            assert _chat(server, _video_msg(videos["a"], q)) == RESULTS["qwen25_prefix"][which]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+def test_other_architectures(arch, videos, tmp_path_factory):
+    model = build_tiny_model(arch)
+    debug_dir = tmp_path_factory.mktemp(f"hv-debug-{arch}")
+    frames = read_video_frames(videos["b"])
+    hf = hf_video_prompt(model, frames, QUESTIONS[0])
+    with _start(model, tmp_path_factory, f"{arch}-pruned", ["--hieravid-budget", str(BUDGET)],
+                env={"HIERAVID_DEBUG_DIR": str(debug_dir)}) as server:
+        answer, prompt_tokens = _chat(server, _video_msg(videos["b"], QUESTIONS[0]))
+    dumps = _check_dumps_match_core(debug_dir, 1)
+    T, H, W, _ = dumps[-1]["features"].shape
+    extra = 1 if arch == "llava_onevision" else 0  # LLaVA-OV's newline token is never pruned
+    assert hf.video_tokens == T * H * W + extra
+    kept = _kept(HieraVidConfig(budget=BUDGET), T, H * W, 4)
+    assert prompt_tokens == hf.text_tokens + kept + extra
+    assert isinstance(answer, str)

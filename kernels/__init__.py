@@ -1,1 +1,31 @@
-"""Triton kernels for HieraVid, installed as ``hieravid_kernels``."""
+"""Triton kernels for HieraVid, installed as ``hieravid_kernels``.
+
+Dispatch functions (Triton on CUDA tensors, the pure-PyTorch reference of
+:mod:`hieravid_vllm.core` elsewhere; ``backend="triton"`` forces the kernel -- on CPU tensors under
+Triton's interpreter, ``backend="torch"`` the reference; env ``HIERAVID_KERNELS_BACKEND`` sets the
+default of ``"auto"``):
+
+* :func:`similarity_map` -- Eq. 1 adjacent-frame cosine similarity, (T, H', W', C) -> (T-1, H', W')
+* :func:`merge_static_tokens` -- Eq. 3 static-token merging -> ``MergeResult``
+* :func:`greedy_map_batched` / :func:`greedy_map` -- fast greedy MAP of the (relevance-weighted)
+  DPP, all segments in one launch
+* :func:`frame_level_select` -- one frame-level pruning stage using the batched greedy MAP
+
+Importing this package needs only torch (triton optional, vLLM never); the reference is imported
+from ``hieravid_vllm.core`` when used. Design notes and costs: kernels/README.md.
+"""
+from ._utils import HAS_TRITON, interpreter_ready, poisoned_outputs
+from .dpp import (gram_triton, greedy_map, greedy_map_batched, greedy_map_batched_triton,
+                  greedy_map_explicit_triton)
+from .merge import merge_static_tokens, merge_static_tokens_triton
+from .select import frame_level_select
+from .similarity import similarity_map, similarity_map_triton
+
+__all__ = [
+    "HAS_TRITON", "interpreter_ready", "poisoned_outputs",
+    "similarity_map", "similarity_map_triton",
+    "merge_static_tokens", "merge_static_tokens_triton",
+    "greedy_map_batched", "greedy_map", "greedy_map_batched_triton",
+    "greedy_map_explicit_triton", "gram_triton",
+    "frame_level_select",
+]

@@ -1,0 +1,407 @@
+"""Batched fast greedy MAP of the relevance-weighted DPP (Chen, Zhang, Zhou 2018) in Triton.
+
+Reference: :func:`hieravid_vllm.core.dpp.greedy_map_batched` (and :func:`greedy_map` for one
+explicit kernel). Same algorithm, stop rule, fallback and tie-break:
+
+* kernel of segment s: L~_ij = w_i w_j <h_i, h_j> * scale over its tokens 0..lengths[s]-1;
+* d_i^2 = L~_ii; threshold thr = max(eps, rel_eps * max(max_i L~_ii, 0));
+* step: j = argmax of d^2 over the unselected tokens (ties: lowest index); stop (for good) when
+  that max is not >= thr (NaN stops too); e_i = (L~_ji - <c_j, c_i>) / sqrt(d_j^2),
+  c_i <- [c_i, e_i], d_i^2 -= e_i^2;
+* after a stop the remaining picks are the unselected tokens by fallback score descending
+  (default: L~_ii), ties by lowest index;
+* output (S, max k) int64 within-segment positions in selection order, padded with -1.
+
+Launch layout: **one program per segment, all segments in one launch** (plus one batched Gram
+launch before it); the program runs the k_s greedy steps of its segment in a device-side loop,
+so there is no host synchronisation and no per-step launch. The Cholesky state lives in fp32
+scratch: c (S, k_max, n_max) and d^2 (S, n_max); the candidates are processed in BLOCK_N chunks
+(any n), the <c_j, c_i> products in BLOCK_S x BLOCK_N tiles. Per step the program reads row j of
+the kernel, the j-th column of c and the step x n block of c: O(n k^2) per segment as in Chen et
+al. (the published per-segment PyTorch loops launch ~10 small kernels per step instead).
+
+Kernel entries, Gram vs on the fly (``materialize``):
+
+* Gram (default whenever the S n_max^2 fp32 matrices fit ``gram_limit_bytes``): one batched
+  ``tl.dot`` launch forms L~_s = diag(w) H H^T diag(w) * scale for every segment (tensor cores
+  for bf16/fp16 features with fp32 accumulation -- bf16 products are exact in fp32, so this is as
+  accurate as an fp32 GEMM; fp32 features use IEEE fp32 dot). Cost n^2 C FLOPs per segment spread
+  over the whole GPU: ~15 GFLOP for a 64-frame LLaVA-Video-7B stage (3594 tokens, hidden 3584),
+  a few tens of microseconds. The greedy loop then reads one n-row per step.
+* On the fly: each step recomputes row j from the features, n C multiply-adds and n C feature
+  reads per step *inside one program*: k n C bytes per segment from memory on one SM (e.g. 585 x
+  900 x 3584 x 2 B = 3.8 GB for a 16-frame segment) -- hundreds of times slower than the Gram
+  path whenever k > 1. Kept for segments whose Gram matrices would not fit in memory.
+
+Chen et al.'s O(n k^2) state traffic (n k^2 * 2 bytes per segment) runs on one SM per segment;
+see kernels/README.md for the expected costs at LLaVA-Video / Qwen2.5-VL sizes.
+"""
+import math
+from typing import Optional
+
+import torch
+
+from ._utils import build, empty, next_pow2, tl, use_triton
+
+__all__ = ["greedy_map_batched", "greedy_map", "greedy_map_batched_triton",
+           "greedy_map_explicit_triton", "gram_triton"]
+
+_GRAM_LIMIT_BYTES = 1 << 30
+
+
+def _gram_kernel(H, W, G, LENGTHS, n_max, C, scale,
+                 s_hs, s_hn, s_ws,
+                 HAS_W: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """G[s, i, j] = scale * w_i * w_j * <H[s, i], H[s, j]> for i, j < lengths[s] (fp32)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    seg = tl.program_id(2).to(tl.int64)
+    n = tl.load(LENGTHS + seg).to(tl.int32)
+    nn = tl.maximum(n, 1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mm = rm < n
+    mn = rn < n
+    hb = H + seg * s_hs                      # 64-bit base; 32-bit offsets in the segment
+    # rows past the segment wrap around (loads stay in bounds; their outputs are masked)
+    a_ptr = hb + (rm % nn)[:, None] * s_hn + rk[None, :]
+    b_ptr = hb + (rn % nn)[None, :] * s_hn + rk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptr)
+            b = tl.load(b_ptr)
+        else:
+            a = tl.load(a_ptr, mask=(k0 + rk)[None, :] < C, other=0.0)
+            b = tl.load(b_ptr, mask=(k0 + rk)[:, None] < C, other=0.0)
+        if IEEE:  # fp32 features, or the interpreter (its bf16 dot multiplies raw bits)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptr += BLOCK_K
+        b_ptr += BLOCK_K
+    acc = acc * scale
+    if HAS_W:
+        wm = tl.load(W + seg * s_ws + rm, mask=mm, other=0.0)
+        wn = tl.load(W + seg * s_ws + rn, mask=mn, other=0.0)
+        acc = acc * wm[:, None] * wn[None, :]
+    gp = G + seg * n_max * n_max + rm[:, None].to(tl.int64) * n_max + rn[None, :]
+    tl.store(gp, acc, mask=mm[:, None] & mn[None, :])
+
+
+def _greedy_kernel(G, H, W, FB, LENGTHS, KS, SEL, CBUF, D2, FBBUF,
+                   n_max, k_max, C, scale, eps, rel_eps,
+                   s_hs, s_hn, s_ws, s_fs,
+                   FROM_GRAM: tl.constexpr, HAS_W: tl.constexpr, HAS_FB: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program = one segment: the whole greedy MAP of that segment (see module doc)."""
+    seg = tl.program_id(0).to(tl.int64)
+    n = tl.load(LENGTHS + seg).to(tl.int32)
+    k = tl.load(KS + seg).to(tl.int32)
+    offs = tl.arange(0, BLOCK_N)
+    soffs = tl.arange(0, BLOCK_S)
+    coffs = tl.arange(0, BLOCK_C)
+    cbase = CBUF + seg * k_max * n_max          # c[s, i] at cbase + s * n_max + i
+    dbase = D2 + seg * n_max
+    gbase = G + seg * n_max * n_max
+    hbase = H + seg * s_hs
+    if HAS_FB:
+        fbase = FB + seg * s_fs
+    else:
+        fbase = FBBUF + seg * n_max
+    neg_inf = float("-inf")
+
+    # ---- init: d^2 = diag, threshold, first argmax -----------------------------------------
+    best = tl.max(tl.full([BLOCK_N], neg_inf, tl.float32), axis=0)
+    bidx = tl.min(tl.zeros([BLOCK_N], tl.int32), axis=0)
+    dmax = tl.max(tl.zeros([BLOCK_N], tl.float32), axis=0)      # max(diag) clamped at 0
+    for n0 in range(0, n, BLOCK_N):
+        idx = n0 + offs
+        m = idx < n
+        if FROM_GRAM:
+            diag = tl.load(gbase + idx.to(tl.int64) * (n_max + 1), mask=m, other=0.0)
+        else:
+            ss = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cc = c0 + coffs
+                ht = tl.load(hbase + idx[:, None].to(tl.int64) * s_hn + cc[None, :],
+                             mask=m[:, None] & (cc < C)[None, :], other=0.0).to(tl.float32)
+                ss += tl.sum(ht * ht, axis=1)
+            diag = ss * scale
+            if HAS_W:
+                wv = tl.load(W + seg * s_ws + idx, mask=m, other=0.0)
+                diag = diag * wv * wv
+        if not HAS_FB:
+            tl.store(fbase + idx, diag, mask=m)
+        dv = tl.where(m, diag, neg_inf)
+        tl.store(dbase + idx, dv, mask=m)
+        dmax = tl.maximum(dmax, tl.max(tl.where(m, diag, 0.0), axis=0))
+        cm = tl.max(dv, axis=0)
+        ci = tl.min(tl.where(dv == cm, idx, 2147483647), axis=0)
+        upd = cm > best
+        bidx = tl.where(upd, ci, bidx)
+        best = tl.where(upd, cm, best)
+    thr = tl.maximum(dmax * rel_eps, eps)
+    tl.debug_barrier()
+
+    # ---- greedy steps ----------------------------------------------------------------------
+    step = 0
+    mx = best
+    j = bidx
+    while (step < k) & (mx >= thr):
+        tl.store(SEL + seg * k_max + step, j.to(tl.int64))
+        dj = tl.sqrt(mx)
+        if HAS_W:
+            wj = tl.load(W + seg * s_ws + j)
+        best = tl.max(tl.full([BLOCK_N], neg_inf, tl.float32), axis=0)
+        bidx = tl.min(tl.zeros([BLOCK_N], tl.int32), axis=0)
+        for n0 in range(0, n, BLOCK_N):
+            idx = n0 + offs
+            m = idx < n
+            if FROM_GRAM:
+                row = tl.load(gbase + j.to(tl.int64) * n_max + idx, mask=m, other=0.0)
+            else:
+                dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for c0 in range(0, C, BLOCK_C):
+                    cc = c0 + coffs
+                    cmask = cc < C
+                    hj = tl.load(hbase + j.to(tl.int64) * s_hn + cc, mask=cmask,
+                                 other=0.0).to(tl.float32)
+                    ht = tl.load(hbase + idx[:, None].to(tl.int64) * s_hn + cc[None, :],
+                                 mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                    dot += tl.sum(ht * hj[None, :], axis=1)
+                row = dot * scale
+                if HAS_W:
+                    wv = tl.load(W + seg * s_ws + idx, mask=m, other=0.0)
+                    row = row * wv * wj
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for s0 in range(0, step, BLOCK_S):
+                sidx = s0 + soffs
+                sm = sidx < step
+                cj = tl.load(cbase + sidx * n_max + j, mask=sm, other=0.0)
+                ct = tl.load(cbase + sidx[:, None] * n_max + idx[None, :],
+                             mask=sm[:, None] & m[None, :], other=0.0)
+                acc += tl.sum(cj[:, None] * ct, axis=0)
+            e = (row - acc) / dj
+            tl.store(cbase + step * n_max + idx, e, mask=m)
+            d2 = tl.load(dbase + idx, mask=m, other=neg_inf)
+            d2 = d2 - e * e
+            d2 = tl.where(idx == j, neg_inf, d2)       # selected: out of the candidates
+            tl.store(dbase + idx, d2, mask=m)
+            dv = tl.where(m, d2, neg_inf)
+            cm = tl.max(dv, axis=0)
+            ci = tl.min(tl.where(dv == cm, idx, 2147483647), axis=0)
+            upd = cm > best
+            bidx = tl.where(upd, ci, bidx)
+            best = tl.where(upd, cm, best)
+        tl.debug_barrier()
+        mx = best
+        j = bidx
+        step += 1
+
+    # ---- fallback: unselected tokens by score descending, ties lowest index ----------------
+    while step < k:
+        fbest = tl.max(tl.full([BLOCK_N], neg_inf, tl.float32), axis=0)
+        fidx = tl.min(tl.full([BLOCK_N], 2147483647, tl.int32), axis=0)
+        for n0 in range(0, n, BLOCK_N):
+            idx = n0 + offs
+            m = idx < n
+            d2 = tl.load(dbase + idx, mask=m, other=neg_inf)
+            avail = m & (d2 != neg_inf)
+            sc = tl.load(fbase + idx, mask=m, other=0.0).to(tl.float32)
+            sv = tl.where(avail, sc, neg_inf)
+            cm = tl.max(sv, axis=0)
+            ci = tl.min(tl.where(avail & (sv == cm), idx, 2147483647), axis=0)
+            has = ci < 2147483647
+            upd = has & ((cm > fbest) | (fidx == 2147483647))
+            fidx = tl.where(upd, ci, fidx)
+            fbest = tl.where(upd, cm, fbest)
+        tl.store(SEL + seg * k_max + step, fidx.to(tl.int64))
+        tl.store(dbase + fidx, neg_inf)
+        tl.debug_barrier()
+        step += 1
+
+    # ---- padding ---------------------------------------------------------------------------
+    for s0 in range(k, k_max, BLOCK_S):
+        sidx = s0 + soffs
+        tl.store(SEL + seg * k_max + sidx, tl.full([BLOCK_S], -1, tl.int64), mask=sidx < k_max)
+
+
+# ------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------
+def _kw(dev: torch.device, num_warps: int) -> dict:
+    return {} if dev.type == "cpu" else {"num_warps": num_warps}
+
+
+def gram_triton(features: torch.Tensor, lengths: torch.Tensor,
+                weights: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                block: Optional[int] = None) -> torch.Tensor:
+    """Per-segment relevance-weighted Gram matrices (S, n_max, n_max) fp32 (one launch).
+    Entries outside a segment's lengths[s] x lengths[s] block are left unwritten."""
+    S, n_max, C = features.shape
+    dev = features.device
+    H = features.contiguous()
+    sc = (1.0 / C) if scale is None else float(scale)
+    G = empty((S, n_max, n_max), torch.float32, dev)
+    if S == 0 or n_max == 0:
+        return G
+    gpu = dev.type != "cpu"
+    if block is None:
+        block = (128 if n_max >= 512 else 64) if gpu else max(16, min(64, next_pow2(n_max)))
+    block_k = 64 if gpu else max(16, min(64, next_pow2(C)))
+    has_w = weights is not None
+    W = weights.to(dev, torch.float32).contiguous() if has_w else G
+    grid = ((n_max + block - 1) // block, (n_max + block - 1) // block, S)
+    build(_gram_kernel, dev)[grid](
+        H, W, G, lengths, n_max, C, sc,
+        H.stride(0), H.stride(1), W.stride(0) if has_w else 0,
+        HAS_W=has_w, IEEE=(H.dtype == torch.float32 or dev.type == "cpu"),
+        EVEN_K=(C % block_k == 0),
+        BLOCK_M=block, BLOCK_N=block,
+        BLOCK_K=block_k, **_kw(dev, 8 if block >= 128 else 4))
+    return G
+
+
+def _launch_greedy(G, H, W, FB, lengths, ks, k_max, n_max, C, scale, eps, rel_eps,
+                   from_gram, block_n, block_s, block_c, num_warps):
+    S = lengths.shape[0]
+    dev = lengths.device
+    sel = empty((S, k_max), torch.int64, dev)
+    cbuf = empty((S, k_max, n_max), torch.float32, dev)
+    d2 = empty((S, n_max), torch.float32, dev)
+    has_fb = FB is not None
+    fbbuf = d2 if has_fb else empty((S, n_max), torch.float32, dev)
+    gpu = dev.type != "cpu"
+    if block_n is None:   # on the fly: smaller candidate chunks (the H tile is BLOCK_N x BLOCK_C)
+        block_n = max(16, min((256 if from_gram else 128) if gpu else 64, next_pow2(n_max)))
+    if block_s is None:
+        block_s = 32 if gpu else 16
+    if block_c is None:
+        block_c = max(16, min(32 if gpu else 64, next_pow2(C))) if C else 16
+    dummy = d2
+    build(_greedy_kernel, dev)[(S,)](
+        G if from_gram else dummy, H if not from_gram else dummy,
+        W if W is not None else dummy, FB if has_fb else dummy,
+        lengths, ks, sel, cbuf, d2, fbbuf,
+        n_max, k_max, C, float(scale), float(eps), float(rel_eps),
+        H.stride(0) if H is not None else 0, H.stride(1) if H is not None else 0,
+        W.stride(0) if W is not None else 0, FB.stride(0) if has_fb else 0,
+        FROM_GRAM=from_gram, HAS_W=W is not None, HAS_FB=has_fb,
+        BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_C=block_c, **_kw(dev, num_warps))
+    return sel
+
+
+def _rel_eps(rel_eps: Optional[float]) -> float:
+    return 64.0 * torch.finfo(torch.float32).eps if rel_eps is None else float(rel_eps)
+
+
+def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor,
+                              weights: Optional[torch.Tensor] = None,
+                              scale: Optional[float] = None, eps: float = 1e-10,
+                              rel_eps: Optional[float] = None,
+                              fallback_scores: Optional[torch.Tensor] = None,
+                              materialize: Optional[bool] = None,
+                              k_max: Optional[int] = None, check: bool = True,
+                              gram_limit_bytes: int = _GRAM_LIMIT_BYTES,
+                              block_n: Optional[int] = None, block_s: Optional[int] = None,
+                              block_c: Optional[int] = None,
+                              num_warps: int = 8) -> torch.Tensor:
+    """Triton path of :func:`greedy_map_batched` (any device: CPU runs the interpreter).
+
+    ``k_max`` (= max(ks), optional) and ``check=False`` avoid the host synchronisations (the
+    output width and the validation of ``ks``); ``materialize`` None: Gram when the S n_max^2
+    fp32 matrices fit ``gram_limit_bytes``."""
+    if features.dim() != 3:
+        raise ValueError(f"features must be (S, n_max, C), got {tuple(features.shape)}")
+    S, n_max, C = features.shape
+    dev = features.device
+    lengths = lengths.to(dev, torch.int64).contiguous()
+    ks = ks.to(dev, torch.int64).contiguous()
+    if check and (bool((ks < 0).any()) or bool((ks > lengths).any())):
+        raise ValueError("every k_s must be in [0, lengths[s]]")
+    if k_max is None:
+        k_max = int(ks.max()) if S else 0
+    k_max = int(k_max)
+    if k_max == 0 or S == 0:
+        return torch.full((S, k_max), -1, dtype=torch.int64, device=dev)
+    sc = (1.0 / C) if scale is None else float(scale)
+    if materialize is None:
+        materialize = S * n_max * n_max * 4 <= gram_limit_bytes
+    W = weights.to(dev, torch.float32).contiguous() if weights is not None else None
+    FB = (fallback_scores.to(dev, torch.float32).contiguous()
+          if fallback_scores is not None else None)
+    H = features.contiguous()
+    if materialize:
+        G = gram_triton(H, lengths, W, sc)
+        return _launch_greedy(G, None, None, FB, lengths, ks, k_max, n_max, C, sc, eps,
+                              _rel_eps(rel_eps), True, block_n, block_s, block_c, num_warps)
+    return _launch_greedy(None, H, W, FB, lengths, ks, k_max, n_max, C, sc, eps,
+                          _rel_eps(rel_eps), False, block_n, block_s, block_c, num_warps)
+
+
+def greedy_map_explicit_triton(L: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor,
+                               eps: float = 1e-10, rel_eps: Optional[float] = None,
+                               fallback_scores: Optional[torch.Tensor] = None,
+                               k_max: Optional[int] = None, block_n: Optional[int] = None,
+                               block_s: Optional[int] = None,
+                               num_warps: int = 8) -> torch.Tensor:
+    """Greedy MAP on explicit kernels ``L`` (S, n_max, n_max) (each PSD on its lengths[s]
+    block), one program per kernel; returns (S, max k) padded -1."""
+    S, n_max, _ = L.shape
+    dev = L.device
+    lengths = lengths.to(dev, torch.int64).contiguous()
+    ks = ks.to(dev, torch.int64).contiguous()
+    if k_max is None:
+        k_max = int(ks.max()) if S else 0
+    if k_max == 0 or S == 0:
+        return torch.full((S, int(k_max)), -1, dtype=torch.int64, device=dev)
+    G = L.to(torch.float32).contiguous()
+    FB = (fallback_scores.to(dev, torch.float32).contiguous()
+          if fallback_scores is not None else None)
+    return _launch_greedy(G, None, None, FB, lengths, ks, int(k_max), n_max, 0, 1.0, eps,
+                          _rel_eps(rel_eps), True, block_n, block_s, None, num_warps)
+
+
+# ------------------------------------------------------------------------------------------
+# dispatch
+# ------------------------------------------------------------------------------------------
+def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor,
+                       weights: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                       eps: float = 1e-10, rel_eps: Optional[float] = None,
+                       fallback_scores: Optional[torch.Tensor] = None,
+                       materialize: Optional[bool] = None, *, backend: str = "auto",
+                       **triton_kwargs) -> torch.LongTensor:
+    """Batched greedy MAP (same signature and result as the core reference): Triton on CUDA
+    tensors (fp16/bf16/fp32 features), the reference elsewhere (and for float64 features,
+    whose reference state is float64). Returns (S, max k) int64 padded with -1."""
+    if features.dtype != torch.float64 and use_triton(backend, features):
+        return greedy_map_batched_triton(features, lengths, ks, weights, scale, eps, rel_eps,
+                                         fallback_scores, materialize, **triton_kwargs)
+    from hieravid_vllm.core.dpp import greedy_map_batched as ref
+    return ref(features, lengths, ks, weights, scale, eps, rel_eps, fallback_scores,
+               materialize)
+
+
+def greedy_map(L: torch.Tensor, k: int, eps: float = 1e-10, rel_eps: Optional[float] = None,
+               fallback_scores: Optional[torch.Tensor] = None, *,
+               backend: str = "auto") -> torch.LongTensor:
+    """Greedy MAP on one explicit PSD kernel ``L`` (n, n) -> (k,) indices in selection order
+    (same contract as :func:`hieravid_vllm.core.dpp.greedy_map`)."""
+    if L.dtype != torch.float64 and use_triton(backend, L):
+        if L.dim() != 2 or L.shape[0] != L.shape[1]:
+            raise ValueError(f"L must be square (n, n), got {tuple(L.shape)}")
+        n = L.shape[0]
+        k = int(k)
+        if not 0 <= k <= n:
+            raise ValueError(f"k must be in [0, {n}], got {k}")
+        dev = L.device
+        fb = None if fallback_scores is None else fallback_scores.reshape(1, n)
+        sel = greedy_map_explicit_triton(
+            L.unsqueeze(0), torch.tensor([n], device=dev), torch.tensor([k], device=dev),
+            eps, rel_eps, fb, k_max=k)
+        return sel[0]
+    from hieravid_vllm.core.dpp import greedy_map as ref
+    return ref(L, k, eps, rel_eps, fallback_scores)

@@ -1,0 +1,142 @@
+"""Batched greedy MAP (Chen et al. 2018): Triton kernels vs core reference.
+
+Selections must be identical (same stop rule, fallback, lowest-index tie-break) on these
+well-conditioned random inputs, including rank-deficient kernels (C < n, duplicated tokens, an
+all-zero segment) where the stop rule and the fallback order decide.
+"""
+import pytest
+import torch
+
+import hieravid_kernels as hk
+from hieravid_vllm.core import HieraVidConfig
+from hieravid_vllm.core import dpp as ref
+
+pytestmark = pytest.mark.interpreter
+
+
+def _segments(S, n_max, gen, one_token=True):
+    lengths = torch.randint(1, n_max + 1, (S,), generator=gen)
+    lengths[0] = n_max
+    if one_token and S > 2:
+        lengths[2] = 1
+    ks = (torch.rand(S, generator=gen) * (lengths + 1)).long().clamp(max=lengths)
+    ks[0] = lengths[0]                  # k = n
+    if S > 1:
+        ks[1] = 0                       # k = 0
+    return lengths, ks
+
+
+def _valid(sel, lengths, ks):
+    for s in range(sel.shape[0]):
+        k = int(ks[s])
+        row = sel[s]
+        assert (row[k:] == -1).all()
+        picks = row[:k]
+        assert ((picks >= 0) & (picks < lengths[s])).all()
+        assert picks.unique().numel() == k
+
+
+def _compare(H, lengths, ks, materialize, **kw):
+    block_n = kw.pop("block_n", None)
+    with hk.poisoned_outputs():
+        got = hk.greedy_map_batched(H, lengths, ks, materialize=materialize, backend="triton",
+                                    block_n=block_n, **kw)
+    want = ref.greedy_map_batched(H, lengths, ks, materialize=materialize, **kw)
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    assert torch.equal(got, want), f"\n{got}\n{want}\nlengths={lengths} ks={ks}"
+    _valid(got, lengths, ks)
+    return got
+
+
+@pytest.mark.parametrize("materialize", [True, False], ids=["gram", "on_the_fly"])
+@pytest.mark.parametrize("S,n_max,C,dtype,weighted,block_n", [
+    (3, 20, 24, torch.float32, True, None),
+    (5, 37, 19, torch.bfloat16, True, 16),    # C < n: rank deficient -> stop rule + fallback
+    (4, 45, 64, torch.float16, False, 16),    # three candidate chunks
+    (6, 3, 5, torch.float32, True, None),     # tiny segments, one-token segments
+])
+def test_greedy_batched_matches_reference(S, n_max, C, dtype, weighted, block_n, materialize,
+                                          gen):
+    lengths, ks = _segments(S, n_max, gen)
+    H = torch.randn(S, n_max, C, generator=gen).to(dtype)
+    w = torch.rand(S, n_max, generator=gen) if weighted else None
+    _compare(H, lengths, ks, materialize, weights=w, block_n=block_n)
+
+
+@pytest.mark.parametrize("materialize", [True, False], ids=["gram", "on_the_fly"])
+def test_greedy_duplicated_tokens(materialize, gen):
+    S, n_max, C = 3, 24, 40
+    lengths, ks = _segments(S, n_max, gen, one_token=False)
+    H = torch.randn(S, n_max, C, generator=gen)
+    H[:, 1::2] = H[:, 0::2]            # every token twice: ties in d^2, rank n/2
+    H[:, 7] = H[:, 3]
+    w = torch.rand(S, n_max, generator=gen)
+    w[:, 1::2] = w[:, 0::2]
+    sel = _compare(H.to(torch.bfloat16), lengths, ks, materialize, weights=w, block_n=16)
+    assert sel.shape[1] == n_max
+
+
+def test_greedy_zero_segment_and_fallback_scores(gen):
+    S, n_max, C = 4, 18, 12
+    lengths = torch.tensor([18, 9, 13, 1])
+    ks = torch.tensor([18, 9, 5, 1])
+    H = torch.randn(S, n_max, C, generator=gen)
+    H[1] = 0.0                          # all-zero kernel: no greedy pick, fallback only
+    fb = torch.rand(S, n_max, generator=gen)
+    fb[:, 4:8] = 0.5                    # ties in the fallback order: lowest index first
+    w = torch.rand(S, n_max, generator=gen)
+    _compare(H, lengths, ks, True, weights=w, fallback_scores=fb)
+    _compare(H, lengths, ks, False, weights=w, fallback_scores=fb)
+    _compare(H, lengths, ks, True, weights=w)        # default fallback: the diagonal
+    _compare(H, lengths, ks, True, scale=0.37, eps=1e-3)
+
+
+def test_greedy_all_k_zero_and_empty():
+    H = torch.randn(3, 5, 4)
+    out = hk.greedy_map_batched(H, torch.tensor([5, 2, 1]), torch.zeros(3, dtype=torch.long),
+                                backend="triton")
+    assert out.shape == (3, 0)
+    with pytest.raises(ValueError):
+        hk.greedy_map_batched(H, torch.tensor([5, 2, 1]), torch.tensor([1, 3, 0]),
+                              backend="triton")
+
+
+@pytest.mark.parametrize("n,rank", [(15, 15), (23, 6)])
+def test_greedy_map_explicit_kernel(n, rank, gen):
+    V = torch.randn(n, rank, generator=gen)
+    L = V @ V.T / rank
+    fb = torch.rand(n, generator=gen)
+    for k in (0, 1, n // 2, n):
+        with hk.poisoned_outputs():
+            got = hk.greedy_map(L, k, backend="triton")
+            got_fb = hk.greedy_map(L, k, fallback_scores=fb, backend="triton")
+        assert torch.equal(got, ref.greedy_map(L, k)), (k, got, ref.greedy_map(L, k))
+        assert torch.equal(got_fb, ref.greedy_map(L, k, fallback_scores=fb))
+    sel = hk.greedy_map_explicit_triton(L.unsqueeze(0), torch.tensor([n]), torch.tensor([n]),
+                                        block_n=16, block_s=4)
+    assert torch.equal(sel[0], ref.greedy_map(L, n))
+
+
+@pytest.mark.parametrize("kernel", ["dot", "cosine"])
+@pytest.mark.parametrize("use_dpp", [True, False])
+def test_frame_level_select_matches_core(kernel, use_dpp, gen):
+    n, C = 70, 32
+    hidden = torch.randn(n, C, generator=gen).to(torch.bfloat16)
+    query = torch.randn(C, generator=gen)
+    seg = torch.sort(torch.randint(0, 4, (n,), generator=gen)).values
+    cfg = HieraVidConfig(dpp_kernel=kernel)
+    for target in (0, 1, 23, n):
+        got = hk.frame_level_select(hidden, query, seg, target, cfg, use_dpp=use_dpp,
+                                    backend="triton")
+        want = ref.frame_level_select(hidden, query, seg, target, cfg, use_dpp=use_dpp)
+        assert torch.equal(got, want), (target, got, want)
+
+
+def test_greedy_dispatch_cpu_uses_reference(gen):
+    H = torch.randn(2, 6, 5, generator=gen)
+    lengths, ks = torch.tensor([6, 4]), torch.tensor([3, 4])
+    want = ref.greedy_map_batched(H, lengths, ks)
+    assert torch.equal(hk.greedy_map_batched(H, lengths, ks), want)
+    H64 = H.double()   # float64 state: always the reference
+    assert torch.equal(hk.greedy_map_batched(H64, lengths, ks, backend="triton"),
+                       ref.greedy_map_batched(H64, lengths, ks))

@@ -225,9 +225,12 @@ def test_other_architectures(arch, videos, tmp_path_factory):
     debug_dir = tmp_path_factory.mktemp(f"hv-debug-{arch}")
     frames = read_video_frames(videos["b"])
     hf = hf_video_prompt(model, frames, QUESTIONS[0])
-    with _start(model, tmp_path_factory, f"{arch}-pruned", ["--hieravid-budget", str(BUDGET)],
-                env={"HIERAVID_DEBUG_DIR": str(debug_dir)}) as server:
+    server = _start(model, tmp_path_factory, f"{arch}-pruned", ["--hieravid-budget", str(BUDGET)],
+                    env={"HIERAVID_DEBUG_DIR": str(debug_dir)})
+    try:
         answer, prompt_tokens = _chat(server, _video_msg(videos["b"], QUESTIONS[0]))
+    finally:
+        server.stop()
     dumps = _check_dumps_match_core(debug_dir, 1)
     T, H, W, _ = dumps[-1]["features"].shape
     extra = 1 if arch == "llava_onevision" else 0  # LLaVA-OV's newline token is never pruned

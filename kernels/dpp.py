@@ -4,10 +4,11 @@ Reference: :func:`hieravid_vllm.core.dpp.greedy_map_batched` (and :func:`greedy_
 explicit kernel). Same algorithm, stop rule, fallback and tie-break:
 
 * kernel of segment s: L~_ij = w_i w_j <h_i, h_j> * scale over its tokens 0..lengths[s]-1;
-* d_i^2 = L~_ii; threshold thr = max(eps, rel_eps * max(max_i L~_ii, 0));
-* step: j = argmax of d^2 over the unselected tokens (ties: lowest index); stop (for good) when
-  that max is not >= thr (NaN stops too); e_i = (L~_ji - <c_j, c_i>) / sqrt(d_j^2),
-  c_i <- [c_i, e_i], d_i^2 -= e_i^2;
+* d_i^2 = L~_ii; tie = rel_eps * max(max_i L~_ii, 0) (rel_eps default 1e-5, the reference's
+  fp32 default); stop threshold thr = max(eps, tie);
+* step: mx = max of d^2 over the unselected tokens; stop (for good) when mx is not >= thr (NaN
+  stops too); otherwise j = the lowest index with d_j^2 >= mx - tie (round-off-proof tie-break),
+  e_i = (L~_ji - <c_j, c_i>) / sqrt(mx), c_i <- [c_i, e_i], d_i^2 -= e_i^2;
 * after a stop the remaining picks are the unselected tokens by fallback score descending
   (default: L~_ii), ties by lowest index;
 * output (S, max k) int64 within-segment positions in selection order, padded with -1.
@@ -16,7 +17,9 @@ Launch layout: **one program per segment, all segments in one launch** (plus one
 launch before it); the program runs the k_s greedy steps of its segment in a device-side loop,
 so there is no host synchronisation and no per-step launch. The Cholesky state lives in fp32
 scratch: c (S, k_max, n_max) and d^2 (S, n_max); the candidates are processed in BLOCK_N chunks
-(any n), the <c_j, c_i> products in BLOCK_S x BLOCK_N tiles. Per step the program reads row j of
+(any n), the <c_j, c_i> products in BLOCK_S x BLOCK_N tiles. The pick is streamed over the
+chunks (running max and lowest index within the tie); only when a later chunk raises the max by
+less than the tie (a near-tie across chunks) is d^2 rescanned from chunk 0. Per step the program reads row j of
 the kernel, the j-th column of c and the step x n block of c: O(n k^2) per segment as in Chen et
 al. (the published per-segment PyTorch loops launch ~10 small kernels per step instead).
 
@@ -113,9 +116,7 @@ def _greedy_kernel(G, H, W, FB, LENGTHS, KS, SEL, CBUF, D2, FBBUF,
         fbase = FBBUF + seg * n_max
     neg_inf = float("-inf")
 
-    # ---- init: d^2 = diag, threshold, first argmax -----------------------------------------
-    best = tl.max(tl.full([BLOCK_N], neg_inf, tl.float32), axis=0)
-    bidx = tl.min(tl.zeros([BLOCK_N], tl.int32), axis=0)
+    # ---- init: d^2 = diag, tie tolerance and stop threshold, first pick -------------------
     dmax = tl.max(tl.zeros([BLOCK_N], tl.float32), axis=0)      # max(diag) clamped at 0
     for n0 in range(0, n, BLOCK_N):
         idx = n0 + offs
@@ -135,15 +136,33 @@ def _greedy_kernel(G, H, W, FB, LENGTHS, KS, SEL, CBUF, D2, FBBUF,
                 diag = diag * wv * wv
         if not HAS_FB:
             tl.store(fbase + idx, diag, mask=m)
-        dv = tl.where(m, diag, neg_inf)
-        tl.store(dbase + idx, dv, mask=m)
+        tl.store(dbase + idx, diag, mask=m)
         dmax = tl.maximum(dmax, tl.max(tl.where(m, diag, 0.0), axis=0))
+    tie = dmax * rel_eps                   # picks within `tie` of the max count as ties
+    thr = tl.maximum(tie, eps)             # stop once max d^2 < thr
+    # first pick: the lowest index with d^2 >= max - tie (same streaming rule as every step)
+    best = tl.max(tl.full([BLOCK_N], neg_inf, tl.float32), axis=0)
+    bidx = tl.min(tl.zeros([BLOCK_N], tl.int32), axis=0)
+    rescan = best != best                  # False
+    for n0 in range(0, n, BLOCK_N):
+        idx = n0 + offs
+        m = idx < n
+        dv = tl.load(dbase + idx, mask=m, other=neg_inf)
         cm = tl.max(dv, axis=0)
-        ci = tl.min(tl.where(dv == cm, idx, 2147483647), axis=0)
-        upd = cm > best
-        bidx = tl.where(upd, ci, bidx)
-        best = tl.where(upd, cm, best)
-    thr = tl.maximum(dmax * rel_eps, eps)
+        ci = tl.min(tl.where(dv >= cm - tie, idx, 2147483647), axis=0)
+        higher = cm > best
+        amb = best >= cm - tie             # an earlier chunk may hold a token within the tie
+        rescan = tl.where(higher, amb, rescan)
+        bidx = tl.where(higher, ci, bidx)
+        best = tl.where(higher, cm, best)
+    if rescan:
+        bidx = bidx * 0 + 2147483647
+        r0 = bidx * 0
+        while (bidx == 2147483647) & (r0 < n):
+            ridx = r0 + offs
+            rv = tl.load(dbase + ridx, mask=ridx < n, other=neg_inf)
+            bidx = tl.min(tl.where(rv >= best - tie, ridx, 2147483647), axis=0)
+            r0 += BLOCK_N
     tl.debug_barrier()
 
     # ---- greedy steps ----------------------------------------------------------------------
@@ -157,6 +176,7 @@ def _greedy_kernel(G, H, W, FB, LENGTHS, KS, SEL, CBUF, D2, FBBUF,
             wj = tl.load(W + seg * s_ws + j)
         best = tl.max(tl.full([BLOCK_N], neg_inf, tl.float32), axis=0)
         bidx = tl.min(tl.zeros([BLOCK_N], tl.int32), axis=0)
+        rescan = best != best
         for n0 in range(0, n, BLOCK_N):
             idx = n0 + offs
             m = idx < n
@@ -190,13 +210,25 @@ def _greedy_kernel(G, H, W, FB, LENGTHS, KS, SEL, CBUF, D2, FBBUF,
             d2 = d2 - e * e
             d2 = tl.where(idx == j, neg_inf, d2)       # selected: out of the candidates
             tl.store(dbase + idx, d2, mask=m)
+            # streaming pick: lowest index with d^2 >= max - tie over the chunks seen so far;
+            # when a later chunk raises the max by less than the tie, rescan from chunk 0
             dv = tl.where(m, d2, neg_inf)
             cm = tl.max(dv, axis=0)
-            ci = tl.min(tl.where(dv == cm, idx, 2147483647), axis=0)
-            upd = cm > best
-            bidx = tl.where(upd, ci, bidx)
-            best = tl.where(upd, cm, best)
+            ci = tl.min(tl.where(dv >= cm - tie, idx, 2147483647), axis=0)
+            higher = cm > best
+            amb = best >= cm - tie
+            rescan = tl.where(higher, amb, rescan)
+            bidx = tl.where(higher, ci, bidx)
+            best = tl.where(higher, cm, best)
         tl.debug_barrier()
+        if rescan:
+            bidx = bidx * 0 + 2147483647
+            r0 = bidx * 0
+            while (bidx == 2147483647) & (r0 < n):
+                ridx = r0 + offs
+                rv = tl.load(dbase + ridx, mask=ridx < n, other=neg_inf)
+                bidx = tl.min(tl.where(rv >= best - tie, ridx, 2147483647), axis=0)
+                r0 += BLOCK_N
         mx = best
         j = bidx
         step += 1
@@ -295,7 +327,8 @@ def _launch_greedy(G, H, W, FB, lengths, ks, k_max, n_max, C, scale, eps, rel_ep
 
 
 def _rel_eps(rel_eps: Optional[float]) -> float:
-    return 64.0 * torch.finfo(torch.float32).eps if rel_eps is None else float(rel_eps)
+    """Default of the core reference for an fp32 state."""
+    return 1e-5 if rel_eps is None else float(rel_eps)
 
 
 def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor,

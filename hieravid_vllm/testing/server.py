@@ -141,6 +141,7 @@ class VLLMServer:
         self.env.setdefault("DO_NOT_TRACK", "1")
         self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None  # of the last started server (= its process group id)
         self.startup_seconds: float | None = None
 
     # -- properties ---------------------------------------------------------------------
@@ -179,6 +180,7 @@ class VLLMServer:
                                          preexec_fn=_die_with_parent)
         finally:
             log.close()  # the child holds its own descriptor
+        self.pid = self.proc.pid
         _LIVE.add(self)
         try:
             self._wait_healthy(t0)

@@ -279,7 +279,11 @@ def write_static_video(path: str | os.PathLike, num_frames: int = 16, width: int
 
 def write_single_frame_video(path: str | os.PathLike, width: int = 224, height: int = 224,
                              fps: float = 8.0, seed: int = 0) -> SyntheticVideo:
-    """Write a one-frame clip."""
+    """Write a one-frame clip.
+
+    For the algorithm's edge cases, not for vLLM: vllm 0.32's OpenCV loader decodes 0 frames
+    from a one-frame mp4v clip (its end-of-stream seek check leaves the capture unreadable)
+    and its Qwen2-VL loader divides by zero (frame count floored to a multiple of 2)."""
     return write_static_video(path, num_frames=1, width=width, height=height, fps=fps, seed=seed)
 
 

@@ -7,6 +7,9 @@
                                                  # benchmarks/RESULTS.md (other sections kept)
     python benchmarks/kernels.py --tiny-interpret   # tiny sizes, kernels under the Triton
                                                     # interpreter on CPU (checks this script)
+    python benchmarks/kernels.py --check         # correctness battery, kernel vs reference on
+                                                 # the device (GPU: the compiled kernels)
+    python benchmarks/kernels.py --sweep         # greedy-kernel launch configurations (GPU)
 
 Cases (hidden size 3584, bf16 features):
 
@@ -344,8 +347,144 @@ def bench_dpp(dev, reps, run_kernels, gen, budgets, loop_reps):
                     len(set(got[m, :ks_list[m]].tolist()) & set(want[m, :ks_list[m]].tolist()))
                     for m in range(M))
                 match = f"order differs; sets share {same_set}/{k}"
-        rows.append((name, f"{b}", stage, desc, work, ref_ms, loop_ms, k_ms, match))
+        rows.append((name, f"{b}", stage, desc, work, ref_ms, loop_ms, k_ms, k_max, match))
     return rows
+
+
+# ------------------------------------------------------------------------------------------
+# correctness battery on the device (the interpreter tests' cases, run compiled on a GPU)
+# ------------------------------------------------------------------------------------------
+def check_suite(dev, gen) -> int:
+    """Kernel vs reference on fresh random inputs on ``dev``; prints one line per case and
+    returns the number of failures (outputs poisoned before every launch)."""
+    fails = 0
+
+    def report(name, ok, info=""):
+        nonlocal fails
+        fails += 0 if ok else 1
+        print(f"{'ok  ' if ok else 'FAIL'} {name} {info}")
+
+    def rnd(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(dev, dtype)
+
+    bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    big = dev.type == "cuda"          # the interpreter (CPU) gets the small cases only
+
+    def small(shape):
+        return big or math.prod(shape) <= 100_000
+
+    for shape, dt in [((2, 1, 1, 1), f32), ((5, 3, 7, 37), f32), ((9, 4, 5, 70), bf16),
+                      ((4, 2, 3, 130), f16), ((17, 13, 13, 3584), bf16),
+                      ((9, 16, 28, 1000), f32)]:
+        if not small(shape):
+            continue
+        F = rnd(*shape, dtype=dt)
+        with hk.poisoned_outputs():
+            got = hk.similarity_map(F, backend="triton")
+        want = core_seg.similarity_map(F)
+        err = float((got - want).abs().max()) if got.numel() else 0.0
+        report(f"similarity {shape} {dt}", bool(err <= 1e-5 and not got.isnan().any()),
+               f"max err {err:.1e}")
+    for shape, dt, p in [((5, 3, 7, 37), f32, 0.5), ((9, 4, 5, 70), bf16, 0.7),
+                         ((6, 1, 3, 5), f32, 1.0), ((6, 2, 3, 9), f16, 0.0),
+                         ((1, 2, 2, 3), f16, 0.5), ((33, 13, 13, 3584), bf16, 0.5),
+                         ((8, 40, 60, 256), bf16, 0.6)]:
+        if not small(shape):
+            continue
+        T, Hh, Ww, C = shape
+        F = rnd(*shape, dtype=dt)
+        static = (torch.rand(max(T - 1, 0), Hh, Ww, generator=gen) < p).to(dev)
+        fseg = torch.cumsum((torch.rand(T, generator=gen) < 0.4).long(), 0).to(dev)
+        with hk.poisoned_outputs():
+            got = hk.merge_static_tokens(F, static, fseg, backend="triton")
+        want = core_seg.merge_static_tokens(F, static, fseg)
+        same = all(torch.equal(getattr(got, a), getattr(want, a)) for a in
+                   ("flat_indices", "thw", "segment_ids", "run_length", "source_to_kept"))
+        single = want.run_length == 1
+        exact = torch.equal(got.features[single], want.features[single])
+        ferr = float((got.features.float() - want.features.float()).abs().max()) \
+            if want.features.numel() else 0.0
+        # merged rows: the reference's index_add_ order is not fixed on CUDA (1 ulp)
+        report(f"merge {shape} {dt} p={p}", same and exact and ferr <= 2e-2,
+               f"indices {'equal' if same else 'DIFFER'}, unmerged rows "
+               f"{'bit-exact' if exact else 'DIFFER'}, max err {ferr:.1e}")
+    for S, n_max, C, dt, block_n, mode in [
+            (3, 20, 24, f32, None, "plain"), (5, 37, 19, bf16, 16, "plain"),
+            (4, 45, 64, f16, 16, "plain"), (6, 3, 5, f32, None, "plain"),
+            (3, 24, 40, bf16, 16, "dup"), (2, 40, 48, f32, 16, "near_tie"),
+            (4, 18, 12, f32, None, "zero_fb"), (8, 300, 3584, bf16, None, "plain"),
+            (5, 700, 3584, bf16, None, "plain")]:
+        if not small((S, n_max, C)):
+            continue
+        lengths = torch.randint(1, n_max + 1, (S,), generator=gen)
+        lengths[0] = n_max
+        if S > 2:
+            lengths[2] = 1
+        ks = (torch.rand(S, generator=gen) * (lengths + 1)).long().clamp(max=lengths)
+        ks[0] = lengths[0]
+        if S > 1:
+            ks[1] = 0
+        H = torch.randn(S, n_max, C, generator=gen)
+        fb = None
+        if mode == "dup":
+            H[:, 1::2] = H[:, 0::2]
+        if mode == "near_tie":
+            H[:, n_max // 2:] = H[:, : n_max // 2] * (1 + 1e-6)
+        if mode == "zero_fb":
+            H[1] = 0.0
+            fb = torch.rand(S, n_max, generator=gen).to(dev)
+        w = (torch.rand(S, n_max, generator=gen) * 0.5 + 0.5)
+        if mode == "near_tie":
+            w[:, n_max // 2:] = w[:, : n_max // 2]
+        H, w, lengths, ks = H.to(dev, dt), w.to(dev), lengths.to(dev), ks.to(dev)
+        for mat in (True, False):
+            if C > 1000 and not mat:
+                continue
+            with hk.poisoned_outputs():
+                got = hk.greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb,
+                                            materialize=mat, backend="triton", block_n=block_n)
+            want = core_dpp.greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb,
+                                               materialize=mat)
+            report(f"greedy S={S} n_max={n_max} C={C} {dt} {mode} "
+                   f"{'gram' if mat else 'on-the-fly'}", torch.equal(got, want))
+    L = rnd(23, 6)
+    L = L @ L.T / 6
+    for k in (0, 5, 23):
+        with hk.poisoned_outputs():
+            got = hk.greedy_map(L, k, backend="triton")
+        report(f"greedy_map explicit n=23 rank 6 k={k}",
+               torch.equal(got, core_dpp.greedy_map(L, k)))
+    print(f"{fails} failure(s)")
+    return fails
+
+
+def sweep_dpp(dev, gen, budgets) -> None:
+    """Greedy-kernel launch configurations on the budget-0.3 LLaVA-Video-7B cases."""
+    cfgs = [dict(block_n=bn, block_s=bs, num_warps=nw)
+            for bn in (128, 256, 512) for bs in (16, 32, 64) for nw in (4, 8, 16)]
+    for name, b, stage, n, k, flen, C in dpp_cases(budgets[:1], gen, dev):
+        if name != "LLaVA-Video-7B":
+            continue
+        hidden, query, seg = make_dpp_inputs(n, C, flen, dev, gen)
+        r = core_dpp.relevance(hidden, query)
+        ks = segment_counts(hidden, seg, k, HieraVidConfig()).to(dev)
+        index, lengths = core_dpp.segment_layout(seg)
+        feats = hidden[index.clamp_min(0)]
+        rr = r[index.clamp_min(0)]
+        r_pad = torch.where(index >= 0, rr, torch.zeros_like(rr))
+        res = []
+        for cfg in cfgs:
+            try:
+                ms = timeit(lambda: hk.greedy_map_batched_triton(
+                    feats, lengths, ks, weights=r_pad, scale=1.0 / C, fallback_scores=r_pad,
+                    **cfg), dev, 5)
+            except Exception as e:  # e.g. out of resources
+                print(f"  {cfg}: {type(e).__name__}")
+                continue
+            res.append((ms, cfg))
+        res.sort(key=lambda x: x[0])
+        print(f"{name} b={b} {stage}: best " +
+              ", ".join(f"{fmt(ms)} ms {cfg}" for ms, cfg in res[:3]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -371,12 +510,15 @@ def render(dev, seg_rows, dpp_rows, run_kernels, note) -> str:
     lines += ["", "Targets: kernel within 2x of reading the features once.", "",
               "### Frame-level DPP, all segments (ms per call)", "",
               "| model | budget | stage | tokens / segments | sum n k^2 | reference (batched) "
-              "| per-segment loop | kernel | loop / kernel | match |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
-    for name, b, stage, desc, work, ref_ms, loop_ms, k_ms, match in dpp_rows:
-        sp = (f"{loop_ms / k_ms:.1f}x" if loop_ms < 10 * k_ms else f"{loop_ms / k_ms:.0f}x") if k_ms else "-"
+              "| per-segment loop | kernel | kernel us / step | loop / kernel | match |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, b, stage, desc, work, ref_ms, loop_ms, k_ms, k_max, match in dpp_rows:
+        sp = "-"
+        if k_ms:
+            sp = f"{loop_ms / k_ms:.1f}x" if loop_ms < 10 * k_ms else f"{loop_ms / k_ms:.0f}x"
+        us = f"{k_ms * 1e3 / k_max:.2f}" if k_ms and k_max else "-"
         lines.append(f"| {name} | {b} | {stage} | {desc} | {work / 1e6:.0f}M | {fmt(ref_ms)} "
-                     f"| {fmt(loop_ms)} | {fmt(k_ms)} | {sp} | {match} |")
+                     f"| {fmt(loop_ms)} | {fmt(k_ms)} | {us} | {sp} | {match} |")
     lines += ["", "Targets: LLaVA-Video-7B at budget 0.3 (stage 3 and input_only rows) under "
               "1 ms and >= 10x faster than the per-segment loop. Kernel = Gram launch + greedy "
               "launch (one program per segment) + dispatch overhead; reference = "
@@ -409,6 +551,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny-interpret", action="store_true",
                     help="tiny sizes, kernels under the interpreter on CPU (tests this script)")
+    ap.add_argument("--check", action="store_true",
+                    help="only the correctness battery (kernel vs reference) on the device")
+    ap.add_argument("--sweep", action="store_true",
+                    help="only a sweep of greedy-kernel launch configurations (GPU)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     gen = torch.Generator().manual_seed(args.seed)
@@ -420,6 +566,15 @@ def main(argv=None) -> int:
         run_kernels = hk.interpreter_ready()
         args.quick = True
         args.write = False
+    torch.set_grad_enabled(False)
+    if args.check:
+        if not (run_kernels or (dev.type == "cpu" and hk.interpreter_ready())):
+            print("--check needs a CUDA device (or --tiny-interpret on CPU)", file=sys.stderr)
+            return 2
+        return 1 if check_suite(dev, gen) else 0
+    if args.sweep:
+        sweep_dpp(dev, gen, [0.3])
+        return 0
     if not run_kernels:
         print("note: no CUDA device (or no triton): timing the references only; the Triton "
               "kernels are skipped", file=sys.stderr)
@@ -427,7 +582,6 @@ def main(argv=None) -> int:
     gpu = dev.type == "cuda"
     reps = (20 if args.quick else 50) if gpu else (2 if args.quick else 3)
     loop_reps = 2 if gpu else 1
-    torch.set_grad_enabled(False)
     seg_rows = bench_segment_level(dev, reps, run_kernels, gen, budgets)
     dpp_rows = bench_dpp(dev, reps if gpu else 1, run_kernels, gen, budgets, loop_reps)
     section = render(dev, seg_rows, dpp_rows, run_kernels, {"quick": args.quick})

@@ -54,22 +54,45 @@ def _variants():
         out.append((dpp._greedy_kernel, sig,
                     {"FROM_GRAM": from_gram, "HAS_W": not from_gram, "HAS_FB": has_fb,
                      "BLOCK_N": bn, "BLOCK_S": 32, "BLOCK_C": 32}, 8))
+    from . import dpp_coop
+    coop = {"G": "*fp32", "FB": "*fp32", "LENGTHS": "*i64", "KS": "*i64", "SEL": "*i64",
+            "CBUF": "*fp32", "D2": "*fp32", "SLOTV": "*fp32", "SLOTI": "*i32", "BAR": "*i32",
+            "ERR": "*i32", "n_max": "i32", "k_max": "i32", "eps": "fp32", "rel_eps": "fp32",
+            "max_spins": "i32", "P": "i32", "SPAN": "i32"}
+    for bn, bp in ((64, 128), (128, 256)):
+        out.append((dpp_coop._greedy_coop_kernel, coop,
+                    {"BLOCK_N": bn, "BLOCK_S": 32, "BLOCK_P": bp}, 4))
     return out
 
 
-def _usage(cubin: bytes) -> str:
+def _usage(ptx: str, arch: int) -> str:
+    """Registers / stack / spills as reported by ``ptxas -v`` on the kernel's PTX."""
     import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
-    if not os.path.exists(tool):
+    if not ptx:
         return ""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        txt = subprocess.run([tool, "-res-usage", f.name], capture_output=True,
-                             text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", txt)
-    return f"regs {m.group(1)} stack {m.group(2)} B smem {m.group(3)} B" if m else ""
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    txt = ""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        for name in ("ptxas", "ptxas-blackwell"):     # the one that knows this PTX version
+            tool = os.path.join(bindir, name)
+            if not os.path.exists(tool):
+                continue
+            r = subprocess.run([tool, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}",
+                                "-v", src, "-o", os.path.join(d, "k.cubin")],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                txt = r.stderr + r.stdout
+                break
+    regs = re.search(r"Used (\d+) registers", txt)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", txt)
+    stack = re.search(r"(\d+) bytes stack frame", txt)
+    if not regs:
+        return ""
+    return (f"regs {regs.group(1)} stack {stack.group(1) if stack else '?'} B "
+            f"spills {spill.group(1) if spill else '?'}/{spill.group(2) if spill else '?'} B")
 
 
 def main(argv=None) -> int:
@@ -97,7 +120,7 @@ def main(argv=None) -> int:
         try:
             k = triton.compile(ASTSource(jf, full, consts, attrs=attrs), target=target,
                                options={"num_warps": warps})
-            info = _usage(k.asm["cubin"]) if "cubin" in k.asm else ""
+            info = _usage(k.asm.get("ptx", ""), args.arch)
             if not args.quiet:
                 print(f"ok    {name} {sig.get('F') or sig.get('H') or ''} {info}")
         except Exception as e:  # report every failure, then fail

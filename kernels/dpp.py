@@ -16,12 +16,13 @@ explicit kernel). Same algorithm, stop rule, fallback and tie-break:
 Launch layout: **one program per segment, all segments in one launch** (plus one batched Gram
 launch before it); the program runs the k_s greedy steps of its segment in a device-side loop,
 so there is no host synchronisation and no per-step launch. The Cholesky state lives in fp32
-scratch: c (S, k_max, n_max) and d^2 (S, n_max); the candidates are processed in BLOCK_N chunks
-(any n), the <c_j, c_i> products in BLOCK_S x BLOCK_N tiles. The pick is streamed over the
-chunks (running max and lowest index within the tie); only when a later chunk raises the max by
-less than the tie (a near-tie across chunks) is d^2 rescanned from chunk 0. Per step the program reads row j of
-the kernel, the j-th column of c and the step x n block of c: O(n k^2) per segment as in Chen et
-al. (the published per-segment PyTorch loops launch ~10 small kernels per step instead).
+scratch: c (S, k_max, n_max) and d^2 (S, n_max); the candidates are processed in BLOCK_N
+chunks (any n), the <c_j, c_i> products in BLOCK_S x BLOCK_N tiles. The pick is streamed over
+the chunks (running max, lowest index within the tie); only when a later chunk raises the max
+by less than the tie (a near-tie across chunks) is d^2 rescanned from chunk 0. Per step the
+program reads row j of the kernel, the j-th column of c and the step x n block of c:
+O(n k^2) per segment as in Chen et al. (the published per-segment PyTorch loops launch ~10
+small kernels per step instead). Costs and limits: kernels/README.md.
 
 Kernel entries, Gram vs on the fly (``materialize``):
 
@@ -40,7 +41,7 @@ Chen et al.'s O(n k^2) state traffic (n k^2 * 2 bytes per segment) runs on one S
 see kernels/README.md for the expected costs at LLaVA-Video / Qwen2.5-VL sizes.
 """
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -251,7 +252,7 @@ def _greedy_kernel(G, H, W, FB, LENGTHS, KS, SEL, CBUF, D2, FBBUF,
             fidx = tl.where(upd, ci, fidx)
             fbest = tl.where(upd, cm, fbest)
         tl.store(SEL + seg * k_max + step, fidx.to(tl.int64))
-        tl.store(dbase + fidx, neg_inf)
+        tl.store(dbase + fidx, neg_inf, mask=fidx < n)      # (NaN scores: no pick)
         tl.debug_barrier()
         step += 1
 
@@ -341,12 +342,17 @@ def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks:
                               gram_limit_bytes: int = _GRAM_LIMIT_BYTES,
                               block_n: Optional[int] = None, block_s: Optional[int] = None,
                               block_c: Optional[int] = None,
-                              num_warps: int = 8) -> torch.Tensor:
+                              num_warps: int = 8,
+                              split: Optional[Union[int, str]] = None,
+                              max_spins: Optional[int] = None) -> torch.Tensor:
     """Triton path of :func:`greedy_map_batched` (any device: CPU runs the interpreter).
 
     ``k_max`` (= max(ks), optional) and ``check=False`` avoid the host synchronisations (the
     output width and the validation of ``ks``); ``materialize`` None: Gram when the S n_max^2
-    fp32 matrices fit ``gram_limit_bytes``."""
+    fp32 matrices fit ``gram_limit_bytes``. ``split`` (experimental, Gram path only): split
+    every segment over that many programs (``"auto"``: as many as the SMs allow) with a
+    per-step barrier between them (:mod:`hieravid_kernels.dpp_coop`); falls back to one program
+    per segment when they cannot all run at once (this check reads a flag back: one sync)."""
     if features.dim() != 3:
         raise ValueError(f"features must be (S, n_max, C), got {tuple(features.shape)}")
     S, n_max, C = features.shape
@@ -369,6 +375,12 @@ def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks:
     H = features.contiguous()
     if materialize:
         G = gram_triton(H, lengths, W, sc)
+        if split is not None:
+            from .dpp_coop import launch_coop
+            sel = launch_coop(G, FB, lengths, ks, k_max, n_max, eps, _rel_eps(rel_eps), split,
+                              block_n=block_n, block_s=block_s, max_spins=max_spins)
+            if sel is not None:
+                return sel
         return _launch_greedy(G, None, None, FB, lengths, ks, k_max, n_max, C, sc, eps,
                               _rel_eps(rel_eps), True, block_n, block_s, block_c, num_warps)
     return _launch_greedy(None, H, W, FB, lengths, ks, k_max, n_max, C, sc, eps,

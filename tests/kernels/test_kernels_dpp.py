@@ -4,6 +4,8 @@ Selections must be identical (same stop rule, fallback, lowest-index tie-break) 
 well-conditioned random inputs, including rank-deficient kernels (C < n, duplicated tokens, an
 all-zero segment) where the stop rule and the fallback order decide.
 """
+import warnings
+
 import pytest
 import torch
 
@@ -157,3 +159,66 @@ def test_greedy_dispatch_cpu_uses_reference(gen):
     H64 = H.double()   # float64 state: always the reference
     assert torch.equal(hk.greedy_map_batched(H64, lengths, ks, backend="triton"),
                        ref.greedy_map_batched(H64, lengths, ks))
+
+
+# ------------------------------------------------------------------------------------------
+# experimental multi-program kernel (``split``): each segment over several programs
+# ------------------------------------------------------------------------------------------
+def _split_case(kind, gen):
+    S, n_max, C = 3, 40, 24
+    lengths = torch.tensor([40, 23, 1])
+    ks = torch.tensor([40, 9, 1])
+    H = torch.randn(S, n_max, C, generator=gen)
+    w = torch.rand(S, n_max, generator=gen) * 0.5 + 0.5
+    fb = None
+    if kind == "dup":                    # rank deficient: stop rule + fallback, exact ties
+        H[:, 1::2] = H[:, 0::2]
+        w[:, 1::2] = w[:, 0::2]
+    elif kind == "near_tie":             # copies in another program's range, within the tie
+        H[:, 20:] = H[:, :20] * (1 + 1e-6)
+        w[:, 20:] = w[:, :20]
+    elif kind == "zero_fb":
+        H[1] = 0.0
+        fb = torch.rand(S, n_max, generator=gen)
+    return H, lengths, ks, w, fb
+
+
+@pytest.mark.parametrize("kind", ["plain", "dup", "near_tie", "zero_fb"])
+def test_greedy_split_single_program(kind, gen):
+    """The multi-program kernel with one program per segment (barriers with one participant)."""
+    H, lengths, ks, w, fb = _split_case(kind, gen)
+    with hk.poisoned_outputs():
+        got = hk.greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb,
+                                    backend="triton", split=1, block_n=16)
+    want = ref.greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb)
+    assert torch.equal(got, want), f"\n{got}\n{want}"
+
+
+@pytest.mark.parametrize("kind,split", [("plain", 3), ("dup", 2), ("near_tie", 2),
+                                        ("zero_fb", 3)])
+def test_greedy_split_concurrent_programs(kind, split, gen):
+    """Several programs per segment, run concurrently (one thread each) under the interpreter:
+    the per-step barrier, the published slots and the cross-program tie rule."""
+    from _concurrent import available, concurrent_programs
+    if not available():
+        pytest.skip("interpreter internals changed")
+    H, lengths, ks, w, fb = _split_case(kind, gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)      # no fallback allowed here
+        with hk.poisoned_outputs(), concurrent_programs():
+            got = hk.greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb,
+                                        backend="triton", split=split, block_n=16,
+                                        max_spins=10 ** 8)
+    want = ref.greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb)
+    assert torch.equal(got, want), f"\n{got}\n{want}"
+
+
+def test_greedy_split_timeout_falls_back(gen):
+    """Programs that cannot all run at once (the interpreter runs them one after another):
+    bounded spin, flag, warning, and the single-program result."""
+    H, lengths, ks, w, fb = _split_case("plain", gen)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        with hk.poisoned_outputs():
+            got = hk.greedy_map_batched(H, lengths, ks, weights=w, backend="triton", split=2,
+                                        block_n=16, max_spins=8)
+    assert torch.equal(got, ref.greedy_map_batched(H, lengths, ks, weights=w))

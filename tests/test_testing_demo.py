@@ -44,3 +44,6 @@ def test_demo_runs_end_to_end(capsys, tmp_path):
     ref_line = next(line for line in out.splitlines() if line.startswith("reference"))
     assert f"makes {unpruned['prompt_tokens']} prompt tokens" in ref_line
     assert "200 OK" in out and "=== Summary" in out
+    for other in results[1:]:  # pruned configurations: served, and never more tokens
+        assert other["ok"], other
+        assert other["prompt_tokens"] <= unpruned["prompt_tokens"], other

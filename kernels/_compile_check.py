@@ -40,12 +40,12 @@ def _variants():
                      "C": "i32", "scale": "fp32", "s_hs": "i32", "s_hn": "i32", "s_ws": "i32"},
                     {"HAS_W": False, "IEEE": dt == "*fp32", "EVEN_K": False, "BLOCK_M": 64,
                      "BLOCK_N": 64, "BLOCK_K": 64}, 4))
-    for has_fseg, bp, nw in ((True, 256, 4), (False, 2048, 8)):
+    for has_fseg, bt, bp in ((True, 8, 256), (True, 4, 512), (False, 1, 2048)):
         out.append((merge._merge_index_kernel,
                     {"STATIC": "*u8", "FSEG": "*i64", "FLAT": "*i64", "THW": "*i64",
                      "SEG": "*i64", "RUNLEN": "*i64", "SRC2KEPT": "*i64", "T": "i32",
                      "P": "i32", "W": "i32"},
-                    {"HAS_FSEG": has_fseg, "BLOCK_P": bp}, nw))
+                    {"HAS_FSEG": has_fseg, "BLOCK_T": bt, "BLOCK_P": bp}, 8))
     sig = {"G": "*fp32", "H": "*bf16", "W": "*fp32", "FB": "*fp32", "LENGTHS": "*i64",
            "KS": "*i64", "SEL": "*i64", "CBUF": "*fp32", "D2": "*fp32", "FBBUF": "*fp32",
            "n_max": "i32", "k_max": "i32", "C": "i32", "scale": "fp32", "eps": "fp32",

@@ -32,7 +32,13 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     tl = types.SimpleNamespace(constexpr=int)  # lets kernel signatures be defined
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "triton", "tl", "interpreter_ready", "use_triton", "build",
+
+def jit_helper(fn: Callable):
+    """``triton.jit`` for small functions called from kernels (scan / reduce combine functions):
+    the compiled kernels need a JITFunction; the interpreter calls its ``.fn``."""
+    return triton.jit(fn) if HAS_TRITON else fn
+
+__all__ = ["HAS_TRITON", "triton", "tl", "jit_helper", "interpreter_ready", "use_triton", "build",
            "poisoned_outputs", "empty", "next_pow2", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch")

@@ -18,9 +18,10 @@ every program then leaves its loop, and the host reruns the single-program kerne
 launch that cannot be co-scheduled costs time, never a hang. Under the interpreter (programs run
 one after another) only P = 1 can complete; P > 1 exercises the timeout path.
 
-Status: the data flow is tested under the interpreter with P = 1 (barriers with one
-participant), the timeout/fallback path with P = 2; the concurrent case compiles for sm_90 but
-has not run on a GPU yet -- run ``benchmarks/kernels.py --check`` on one before enabling it.
+Status: tested under the interpreter with P = 1 (barriers with one participant), with P = 2-3
+running concurrently (tests/kernels/_concurrent.py: one Python thread per program, which checks
+the protocol, not the GPU memory model) and the timeout / fallback path; compiles for sm_90
+without spills; not yet run on a GPU -- run ``benchmarks/kernels.py --check`` on one first.
 """
 import warnings
 from typing import Optional, Union

@@ -7,13 +7,15 @@ Token (t, p) is a run head (kept) unless row t-1 of the static mask flags it; a 
 static tokens t1..t2 at position p is averaged together with its head t0 = t1 - 1 into the head's
 slot. Kept tokens are numbered in raster order (t, then p).
 
-1. ``_merge_index_kernel`` -- one program, vectors over the P positions, one sequential pass over
-   the T frames: the rank of every head is the running count of heads in earlier frames plus an
-   exclusive prefix sum (``tl.cumsum``) over positions within the frame; it writes
-   ``flat_indices``, ``thw``, ``segment_ids`` (renumbered exactly as the reference: +1 at every
-   change of the frame's segment id between consecutive kept tokens), ``source_to_kept`` (the rank
-   of the current run head, for every token) and ``run_length`` (written when a run closes).
-   Integer work on N = T P elements: a few microseconds.
+1. ``_merge_index_kernel`` -- one program, tiles of BLOCK_T frames x all P positions, T / BLOCK_T
+   sequential steps (8 for 64 frames x 169 positions): the rank of every head is the number of
+   heads in earlier frames (carried) plus prefix sums (``tl.cumsum``) over the tile's frames and
+   over positions within a frame; the head of every token's run is a forward fill along time
+   (``tl.associative_scan`` with max; ranks grow with time); a run's length is written at its
+   last token (the next frame's token at that position is a head: the static row one frame
+   ahead, loaded again); segment ids are renumbered exactly as the reference (+1 at every change
+   of the frame's segment id between consecutive kept tokens). Writes ``flat_indices``, ``thw``,
+   ``segment_ids``, ``run_length``, ``source_to_kept``: integer work on N = T P elements.
 2. ``_merge_features_kernel`` -- grid (position blocks, channel blocks); each program walks the
    frames once, keeping the running fp32 sum and count of the open run of each of its positions in
    registers; when a new head arrives the closed run's mean is written to the kept row of its head
@@ -29,51 +31,79 @@ from typing import Optional
 
 import torch
 
-from ._utils import build, empty, next_pow2, tl, use_triton
+from ._utils import build, empty, jit_helper, next_pow2, tl, use_triton
 
 __all__ = ["merge_static_tokens", "merge_static_tokens_triton"]
 
 
+@jit_helper
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
 def _merge_index_kernel(STATIC, FSEG, FLAT, THW, SEG, RUNLEN, SRC2KEPT, T, P, W,
-                        HAS_FSEG: tl.constexpr, BLOCK_P: tl.constexpr):
-    offs = tl.arange(0, BLOCK_P)
-    pm = offs < P
-    zero = tl.zeros([BLOCK_P], dtype=tl.int64)
-    head_rank = zero
-    run_cnt = zero
-    base = tl.sum(zero, axis=0)          # int64 scalar 0: kept tokens in earlier frames
-    cur_seg = base
-    if HAS_FSEG:
-        last_seg = tl.load(FSEG).to(tl.int64)
-    else:
-        last_seg = base
-    for t in range(0, T):
-        if t == 0:
-            head = pm
-        else:
-            st = tl.load(STATIC + (t - 1) * P + offs, mask=pm, other=1)
-            head = pm & (st == 0)
-        hi = head.to(tl.int64)
-        nh = tl.sum(hi, axis=0)
-        rank = base + tl.cumsum(hi, axis=0) - hi
-        # close the runs at positions where a new run starts
-        tl.store(RUNLEN + head_rank, run_cnt, mask=head & (t > 0))
-        head_rank = tl.where(head, rank, head_rank)
-        run_cnt = tl.where(head, 1, run_cnt + 1)
-        tok = t * P + offs
-        tl.store(SRC2KEPT + tok, head_rank, mask=pm)
+                        HAS_FSEG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program; (BLOCK_T frames x all positions) tiles, T / BLOCK_T sequential steps."""
+    pp = tl.arange(0, BLOCK_P)
+    pm = pp < P
+    tt = tl.arange(0, BLOCK_T)
+    # int32 inside (N = T P < 2^31), int64 in the outputs
+    base = tl.sum(tl.zeros([BLOCK_P], dtype=tl.int32), axis=0)   # kept tokens in earlier frames
+    cur_id = base                                                  # current renumbered segment
+    last_has = base - 1                      # last frame with kept tokens before this block
+    prev_rank = tl.full([BLOCK_P], -1, tl.int32)   # rank of the open run's head, per position
+    prev_t = tl.full([BLOCK_P], -1, tl.int32)      # frame of that head
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tt
+        tm = t < T
+        m2 = tm[:, None] & pm[None, :]
+        # token (t, p) is a run head unless static row t - 1 flags it (frame 0: all heads)
+        st = tl.load(STATIC + (t - 1)[:, None] * P + pp[None, :],
+                     mask=m2 & (t >= 1)[:, None], other=0)
+        head = m2 & (st == 0)
+        hi = head.to(tl.int32)
+        hcount = tl.sum(hi, axis=1)                                   # heads per frame
+        frame_off = base + tl.cumsum(hcount, axis=0) - hcount
+        rank = frame_off[:, None] + tl.cumsum(hi, axis=1) - hi       # kept rank (raster order)
+        tok = t[:, None] * P + pp[None, :]
         tl.store(FLAT + rank, tok.to(tl.int64), mask=head)
-        tl.store(THW + rank * 3, zero + t, mask=head)
-        tl.store(THW + rank * 3 + 1, (offs // W).to(tl.int64), mask=head)
-        tl.store(THW + rank * 3 + 2, (offs % W).to(tl.int64), mask=head)
+        tl.store(THW + rank * 3, (t[:, None] + 0 * pp[None, :]).to(tl.int64), mask=head)
+        tl.store(THW + rank * 3 + 1, (0 * t[:, None] + pp[None, :] // W).to(tl.int64),
+                 mask=head)
+        tl.store(THW + rank * 3 + 2, (0 * t[:, None] + pp[None, :] % W).to(tl.int64),
+                 mask=head)
+        # every token -> its run head: forward fill of the head rank / frame along t
+        fr = tl.associative_scan(tl.where(head, rank, -1), 0, _max_combine)
+        fr = tl.maximum(fr, prev_rank[None, :])
+        ft = tl.associative_scan(tl.where(head, t[:, None] + 0 * pp[None, :], -1), 0,
+                                 _max_combine)
+        ft = tl.maximum(ft, prev_t[None, :])
+        tl.store(SRC2KEPT + tok, fr.to(tl.int64), mask=m2)
+        # run length, written at the run's last token (next frame's token is a head, or t = T-1)
+        stn = tl.load(STATIC + t[:, None] * P + pp[None, :], mask=m2 & (t + 1 < T)[:, None],
+                      other=0)
+        last = m2 & ((t + 1 >= T)[:, None] | (stn == 0))
+        tl.store(RUNLEN + fr, (t[:, None] - ft + 1).to(tl.int64), mask=last)
+        # segment ids: +1 whenever the frame's id differs from the previous frame with kept
+        # tokens (the reference's change between consecutive kept tokens)
         if HAS_FSEG:
-            sr = tl.load(FSEG + t).to(tl.int64)
-            new_seg = (nh > 0) & (sr != last_seg)
-            cur_seg = cur_seg + new_seg.to(tl.int64)
-            last_seg = tl.where(nh > 0, sr, last_seg)
-        tl.store(SEG + rank, zero + cur_seg, mask=head)
-        base = base + nh
-    tl.store(RUNLEN + head_rank, run_cnt, mask=pm)
+            stp = tl.load(STATIC + (t - 2)[:, None] * P + pp[None, :],
+                          mask=m2 & (t >= 2)[:, None], other=0)
+            hprev = tl.sum((m2 & (t >= 1)[:, None] & (stp == 0)).to(tl.int32), axis=1)
+            prev_has = tl.associative_scan(tl.where(hprev > 0, t - 1, -1), 0, _max_combine)
+            prev_has = tl.maximum(prev_has, last_has)
+            sr = tl.load(FSEG + t, mask=tm, other=0)
+            ps = tl.load(FSEG + tl.maximum(prev_has, 0), mask=tm, other=0)
+            change = (hcount > 0) & (t >= 1) & (prev_has >= 0) & (sr != ps)
+            ids = cur_id + tl.cumsum(change.to(tl.int32), axis=0)
+            tl.store(SEG + rank, (ids[:, None] + 0 * rank).to(tl.int64), mask=head)
+            cur_id = cur_id + tl.sum(change.to(tl.int32), axis=0)
+            last_has = tl.maximum(last_has, tl.max(tl.where(tm & (hcount > 0), t, -1), axis=0))
+        else:
+            tl.store(SEG + rank, (0 * rank).to(tl.int64), mask=head)
+        base = base + tl.sum(hcount, axis=0)
+        prev_rank = tl.maximum(prev_rank, tl.max(tl.where(m2, fr, -1), axis=0))
+        prev_t = tl.maximum(prev_t, tl.max(tl.where(m2, ft, -1), axis=0))
 
 
 def _merge_features_kernel(F, STATIC, SRC2KEPT, OUT, T, P, C,
@@ -123,7 +153,8 @@ def _merge_features_kernel(F, STATIC, SRC2KEPT, OUT, T, P, C,
 def merge_static_tokens_triton(F: torch.Tensor, static_mask: torch.Tensor,
                                frame_segment_ids: Optional[torch.Tensor] = None,
                                num_kept: Optional[int] = None, block_p: int = 16,
-                               block_c: Optional[int] = None, num_warps: int = 4):
+                               block_c: Optional[int] = None, num_warps: int = 4,
+                               block_t: Optional[int] = None):
     """Triton kernels for :func:`merge_static_tokens` (any device: CPU runs the interpreter)."""
     from hieravid_vllm.core.segment import MergeResult
 
@@ -153,10 +184,12 @@ def merge_static_tokens_triton(F: torch.Tensor, static_mask: torch.Tensor,
     fseg = (frame_segment_ids.to(dev, i64).contiguous() if has_fseg
             else torch.zeros(1, dtype=i64, device=dev))
     kw = {} if dev.type == "cpu" else {"num_warps": num_warps}
+    bp = next_pow2(P)
+    bt = block_t or max(1, min(next_pow2(T), 2048 // bp))   # frames per index-kernel step
     build(_merge_index_kernel, dev)[(1,)](
         static, fseg, flat, thw, seg, run_len, src2kept, T, P, Ww,
-        HAS_FSEG=has_fseg, BLOCK_P=next_pow2(P), **({} if dev.type == "cpu" else
-                                                     {"num_warps": 8 if P > 1024 else 4}))
+        HAS_FSEG=has_fseg, BLOCK_T=bt, BLOCK_P=bp, **({} if dev.type == "cpu" else
+                                                       {"num_warps": 8}))
     if C > 0:
         if block_c is None:
             block_c = min(128, max(16, next_pow2(C)))

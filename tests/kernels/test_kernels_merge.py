@@ -51,14 +51,19 @@ def test_merge_matches_reference(shape, dtype, p_static, fseg_kind, gen):
     _check(got, ref_merge(F, static, fseg))
 
 
-def test_merge_with_num_kept_and_small_blocks(gen):
-    T, H, W, C = 7, 3, 5, 33
+@pytest.mark.parametrize("block_t", [1, 2, 4])
+@pytest.mark.parametrize("fseg_kind", ["monotone", "shuffled"])
+def test_merge_with_num_kept_and_small_blocks(block_t, fseg_kind, gen):
+    """Runs and segment changes carried across the index kernel's frame blocks."""
+    T, H, W, C = 11, 3, 5, 33
     F = torch.randn(T, H, W, C, generator=gen)
-    static = torch.rand(T - 1, H, W, generator=gen) < 0.5
-    fseg = _fseg(T, "monotone", gen)
+    static = torch.rand(T - 1, H, W, generator=gen) < 0.6
+    static[4] = True                    # a frame without kept tokens (segment change skipped)
+    fseg = _fseg(T, fseg_kind, gen)
     n = T * H * W - int(static.sum())
     with hk.poisoned_outputs():
-        got = hk.merge_static_tokens_triton(F, static, fseg, num_kept=n, block_p=4, block_c=16)
+        got = hk.merge_static_tokens_triton(F, static, fseg, num_kept=n, block_p=4, block_c=16,
+                                            block_t=block_t)
     _check(got, ref_merge(F, static, fseg))
 
 

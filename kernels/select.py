@@ -17,9 +17,10 @@ __all__ = ["frame_level_select"]
 def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
                        segment_ids: torch.Tensor, target: int, config=None,
                        use_dpp: bool = True, num_segments: Optional[int] = None, *,
-                       backend: str = "auto") -> torch.LongTensor:
+                       backend: str = "auto", split=None) -> torch.LongTensor:
     """Keep ``target`` of the ``hidden`` (n, C) tokens, ascending positions (see the core
-    function for the algorithm); ``backend`` picks the greedy MAP implementation."""
+    function for the algorithm); ``backend`` picks the greedy MAP implementation, ``split``
+    the experimental multi-program kernel (Triton path only)."""
     from hieravid_vllm.core.config import HieraVidConfig
     from hieravid_vllm.core.dpp import kernel_features, relevance, segment_layout
     from hieravid_vllm.core.schedule import segment_counts
@@ -45,8 +46,10 @@ def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
     if use_dpp:
         V, sc = kernel_features(hidden, config.dpp_kernel)
         feats = V[safe]                                               # (M, n_max, C)
+        kw = {} if split is None else {"split": split}
         sel = greedy_map_batched(feats, lengths, ks, weights=r_pad, scale=sc,
-                                 eps=config.dpp_eps, fallback_scores=r_pad, backend=backend)
+                                 eps=config.dpp_eps, fallback_scores=r_pad, backend=backend,
+                                 **kw)
     else:
         key = torch.where(valid, -r_pad, torch.full_like(r_pad, float("inf")))
         sel = torch.sort(key, dim=-1, stable=True).indices[:, : int(ks.max())]

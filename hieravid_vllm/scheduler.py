@@ -1,0 +1,117 @@
+"""The scheduler hook of HieraVid's in-LLM stages (installed as vLLM's ``scheduler_cls``).
+
+The selection at a stage boundary needs the whole video and the request's last prompt token
+in one forward (Sec. 3.3: relevance to the last instruction token). So, for a request with a
+pruned video, :class:`HieraVidScheduler`
+
+* never ends a prefill step between the start of a not-yet-computed video and the end of the
+  prompt (the request waits for a step with room instead; the API process rejects prompts
+  that could never fit, see :func:`check_prompt_fits`);
+* does not take a prefix-cache hit that ends inside a video (it is cut back to the block
+  boundary before the video);
+* keeps prefix caching correct: later stages store a request's KV compacted (token ``p`` at
+  ``p - D_g``), so a block from the first video on holds KV that depends on the question and
+  on the request's own continuation. Such blocks get a per-request hash key
+  (:func:`hieravid_extra_keys`) and are never shared; blocks before the first video are
+  shared as usual. A preempted request finds its own blocks again (same request id), and its
+  recomputed selection is the same (it depends only on the prompt).
+
+Everything else is vLLM's scheduler.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, List, Optional
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+logger = logging.getLogger("vllm.hieravid_vllm")
+
+
+def _video_spans(request) -> List[tuple]:
+    spans = []
+    for f in getattr(request, "mm_features", None) or ():
+        if f.modality == "video":
+            pos = f.mm_position
+            spans.append((int(pos.offset), int(pos.offset) + int(pos.length)))
+    return sorted(spans)
+
+
+def must_wait(request, num_computed: int, num_new: int) -> bool:
+    """True when scheduling ``num_new`` tokens would split a video's prefill from the end
+    of the prompt."""
+    end = num_computed + num_new
+    prompt = request.num_prompt_tokens
+    if end >= prompt:
+        return False
+    return any(e > num_computed for _s, e in _video_spans(request))
+
+
+def usable_hit(request, num_hit: int, block_size: int) -> int:
+    """The longest prefix-cache hit not ending inside a video run."""
+    for s, e in _video_spans(request):
+        if s < num_hit < e:
+            return (s // block_size) * block_size
+    return num_hit
+
+
+class HieraVidScheduler(Scheduler):
+    """vLLM's scheduler with the two HieraVid constraints described in the module docstring."""
+
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens: int,
+                                   num_new_tokens: int) -> int:
+        n = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        if n and must_wait(request, num_computed_tokens, n):
+            return 0
+        return n
+
+    def _get_local_prefix_cache_hit(self, request):
+        blocks, num_local, boundary, divergent = super()._get_local_prefix_cache_hit(request)
+        if num_local and _video_spans(request):
+            bs = self.block_size
+            keep = usable_hit(request, num_local, bs)
+            if keep != num_local:
+                # take only the part of the hit before the video (nothing is allocated or
+                # touched yet: allocate_slots does that with the blocks returned here)
+                blocks = type(blocks)(tuple(g[: keep // bs] for g in blocks.blocks))
+                num_local = keep
+                boundary = min(boundary, keep) if isinstance(boundary, int) else boundary
+        return blocks, num_local, boundary, divergent
+
+
+# ------------------------------------------------------------------------------------------
+# block hashes
+# ------------------------------------------------------------------------------------------
+def hieravid_extra_keys(request, start_token_idx: int, end_token_idx: int) -> Optional[tuple]:
+    """A per-request key for the block holding the start of the request's first video
+    (hashes chain, so every later block is per-request too)."""
+    spans = _video_spans(request)
+    if not spans:
+        return None
+    first = spans[0][0]
+    if start_token_idx <= first < end_token_idx:
+        return ("hieravid_stages", request.request_id)
+    return None
+
+
+def patch_block_hasher() -> None:
+    """Adds :func:`hieravid_extra_keys` to vLLM's block-hash extra keys (engine process)."""
+    from vllm.v1.core import kv_cache_utils as kcu
+
+    orig = kcu.generate_block_hash_extra_keys
+    if getattr(orig, "_hieravid", False):
+        return
+
+    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx,
+                                       start_mm_idx):
+        keys, nxt = orig(request, start_token_idx, end_token_idx, start_mm_idx)
+        extra = hieravid_extra_keys(request, start_token_idx, end_token_idx)
+        if extra is not None:
+            keys = (keys or ()) + (extra,)
+        return keys, nxt
+
+    generate_block_hash_extra_keys._hieravid = True
+    kcu.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+
+
+patch_block_hasher()

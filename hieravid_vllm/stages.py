@@ -1,0 +1,507 @@
+"""Layer-level stages inside vLLM (HieraVid Sec. 3.3, Eq. 8-11) -- the worker side.
+
+At every stage boundary layer ``B[g]`` (``HieraVidConfig.stage_boundaries``) the visual
+tokens of a request whose video is prefilled in this step are pruned again: relevance of each
+visual token's hidden state to the last prompt token's hidden state (Eq. 8), the
+relevance-weighted DPP per segment of the input stage (Eq. 9-10) and the per-segment counts
+(Eq. 5) -- :func:`hieravid_vllm.core.pipeline.select_layer_stage`. Later layers compute, cache
+and attend over the kept tokens only; text tokens are never dropped.
+
+How it fits vLLM v1 (one KV cache group, one block table per request):
+
+* The counts per stage are a function of the video grid and the config (the core schedule),
+  so before the forward the runner hook (:func:`build_step_plan`, called right after the model
+  runner built its attention metadata) knows for every request and stage ``g`` how many
+  visual tokens were dropped before it: ``D_g``. Stage ``g`` stores a request's KV
+  compacted: token ``p`` of the sequence lives at index ``p - D_g(p)`` of the request's
+  blocks (kept visual tokens in order inside the video run). The hook builds, with the
+  attention backend's own metadata builder, one attention metadata and one slot mapping per
+  stage (compacted ``query_start_loc`` / ``seq_lens`` / ``slot_mapping``) and installs them
+  for that stage's layers in the per-layer dicts of the forward context. No host sync
+  mid-forward.
+* The model (:func:`staged_forward`) gathers hidden states, residuals and positions at each
+  boundary for the requests that select in this step (their whole video and the last prompt
+  token are in the step; the scheduler hook guarantees it). Kept tokens keep their rotary
+  positions; decode tokens continue the original numbering. Steps without a selection run
+  vLLM's own (compiled) forward: only the metadata of later stages differs.
+* The final hidden states are scattered back to the step's token rows (text rows, in
+  particular every request's last token, are always kept), so sampling is unchanged.
+
+The memory side (stage ``g`` needs only ``len - D_g`` slots) is not yet returned to the block
+pool: all stages share one block table (see the issue notes); compute, attention and KV
+contents already follow the pruned schedule.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from hieravid_vllm.core import HieraVidConfig
+from hieravid_vllm.core.pipeline import select_layer_stage
+
+logger = logging.getLogger("vllm.hieravid_vllm")
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class VideoSpan:
+    """One pruned video in a request's token sequence.
+
+    offset: first placeholder position; counts: visual tokens per stage (``counts[0]`` =
+    placeholders that are visual tokens, they come first in the run); length: the whole
+    placeholder run (LLaVA-OneVision: + 1 newline token, never pruned); uses_dpp per stage;
+    mm_hash: the encoder-cache key of the video (its segment layout).
+    """
+
+    offset: int
+    length: int
+    counts: tuple
+    uses_dpp: tuple
+    mm_hash: str
+    config: HieraVidConfig
+
+    @property
+    def visual_end(self) -> int:
+        return self.offset + self.counts[0]
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def dropped(self, g: int) -> int:
+        return self.counts[0] - self.counts[g]
+
+
+@dataclass
+class _ReqPlan:
+    index: int
+    start: int            # num computed tokens (first scheduled position)
+    num_tokens: int       # scheduled tokens
+    num_prompt: int
+    videos: List[VideoSpan]
+    selecting: List[VideoSpan] = field(default_factory=list)
+
+
+@dataclass
+class StepPlan:
+    """What the model needs for one forward with HieraVid stages."""
+
+    boundaries: List[int]                 # first layer of each stage
+    reqs: List[_ReqPlan]
+    num_tokens: int                       # unpadded tokens of the step
+    query_start_loc: np.ndarray           # (num_reqs + 1,) of the step
+    selecting: bool                       # any request selects in this step
+    stage_rows: List[int] = field(default_factory=list)  # unpadded rows per stage
+
+    def stage_of_layer(self, layer_idx: int) -> int:
+        g = 0
+        for i, b in enumerate(self.boundaries):
+            if layer_idx >= b:
+                g = i
+        return g
+
+
+def _dropped_before(videos: Sequence[VideoSpan], p: int, g: int) -> int:
+    return sum(v.dropped(g) for v in videos if v.end <= p)
+
+
+def plan_requests(reqs: List[_ReqPlan], num_stages: int):
+    """Per stage: (query lens, computed-prefix lens) in compacted coordinates; checks that
+    every request either selects in this step (whole video + last prompt token scheduled) or
+    has no video token in it."""
+    q = np.zeros((num_stages, len(reqs)), dtype=np.int64)
+    nc = np.zeros((num_stages, len(reqs)), dtype=np.int64)
+    for i, r in enumerate(reqs):
+        s, e = r.start, r.start + r.num_tokens
+        r.selecting = []
+        for v in r.videos:
+            if v.end <= s or v.offset >= e:
+                continue
+            if v.offset < s or v.end > e:
+                raise RuntimeError(
+                    f"HieraVid: a pruned video (tokens {v.offset}..{v.end}) is split across "
+                    f"prefill steps (this step computes {s}..{e}); the HieraVid scheduler "
+                    "must schedule a video and the rest of its prompt in one step")
+            r.selecting.append(v)
+        if r.selecting and e < r.num_prompt:
+            raise RuntimeError("HieraVid: the last prompt token must be in the step that "
+                               "prefills the video")
+        for g in range(num_stages):
+            nc[g, i] = s - _dropped_before(r.videos, s, g)
+            q[g, i] = r.num_tokens - sum(v.dropped(g) for v in r.selecting)
+    return q, nc
+
+
+def _slot_mapping(block_table: np.ndarray, block_size: int, nc: np.ndarray, q: np.ndarray,
+                  total: int) -> np.ndarray:
+    out = np.full(total, -1, dtype=np.int64)
+    k = 0
+    for i in range(len(q)):
+        j = np.arange(nc[i], nc[i] + q[i], dtype=np.int64)
+        out[k:k + q[i]] = block_table[i, j // block_size].astype(np.int64) * block_size + \
+            j % block_size
+        k += int(q[i])
+    return out
+
+
+def stage_layer_names(layer_names, boundaries: Sequence[int]) -> Dict[int, List[str]]:
+    by_stage: Dict[int, List[str]] = {}
+    for name in layer_names:
+        m = _LAYER_RE.search(name)
+        if m is None:
+            continue
+        idx = int(m.group(1))
+        g = 0
+        for i, b in enumerate(boundaries):
+            if idx >= b:
+                g = i
+        by_stage.setdefault(g, []).append(name)
+    return by_stage
+
+
+def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
+                    num_tokens: int) -> Optional[StepPlan]:
+    """Runner hook: per-stage attention metadata and slot mappings for this step.
+
+    Returns None (and changes nothing) when no request in the batch has a pruned video.
+    """
+    if not isinstance(attn_metadata, dict) or not attn_metadata:
+        return None
+    ib = runner.input_batch
+    req_ids = list(ib.req_ids[:num_reqs])
+    reqs: List[_ReqPlan] = []
+    any_video = False
+    for i, rid in enumerate(req_ids):
+        state = runner.requests[rid]
+        videos = model.hieravid_request_videos(state)
+        any_video |= bool(videos)
+        reqs.append(_ReqPlan(i, int(ib.num_computed_tokens_cpu[i]), 0,
+                             int(ib.num_prompt_tokens[i]), videos))
+    if not any_video:
+        return None
+    qsl = runner.query_start_loc.cpu[:num_reqs + 1].numpy().astype(np.int64)
+    for i, r in enumerate(reqs):
+        r.num_tokens = int(qsl[i + 1] - qsl[i])
+    boundaries = list(model.hieravid_boundaries)
+    S = len(boundaries)
+    q, nc = plan_requests(reqs, S)
+    plan = StepPlan(boundaries, reqs, num_tokens, qsl, any(r.selecting for r in reqs),
+                    [int(q[g].sum()) for g in range(S)])
+
+    kv_groups = runner.kv_cache_config.kv_cache_groups
+    if len(kv_groups) != 1:
+        raise RuntimeError("HieraVid stages need a single KV cache group")
+    bt = ib.block_table[0]
+    block_np = bt.block_table.np[:num_reqs]
+    any_layer = next(iter(attn_metadata))
+    padded_rows = int(slot_by_layer[any_layer].shape[0]) if slot_by_layer else num_tokens
+    device = runner.device
+    names_by_stage = stage_layer_names(attn_metadata.keys(), boundaries)
+    block_table_dev = bt.get_device_tensor(num_reqs)
+    for g in range(1, S):
+        names = set(names_by_stage.get(g, []))
+        if not names:
+            continue
+        rows = int(q[g].sum())
+        slots = _slot_mapping(block_np, bt.block_size, nc[g], q[g],
+                              rows + max(padded_rows - num_tokens, 0))
+        qsl_g = np.zeros(num_reqs + 1, dtype=np.int32)
+        qsl_g[1:] = np.cumsum(q[g])
+        seq_g = (nc[g] + q[g]).astype(np.int32)
+        from vllm.v1.attention.backend import CommonAttentionMetadata  # worker only
+
+        slot_t = torch.from_numpy(slots).to(device)
+        cm = CommonAttentionMetadata(
+            query_start_loc=torch.from_numpy(qsl_g).to(device),
+            query_start_loc_cpu=torch.from_numpy(qsl_g),
+            seq_lens=torch.from_numpy(seq_g).to(device),
+            seq_lens_cpu_upper_bound=torch.from_numpy(seq_g),
+            num_reqs=num_reqs,
+            num_actual_tokens=rows,
+            max_query_len=int(q[g].max()) if num_reqs else 0,
+            max_seq_len=int(seq_g.max()) if num_reqs else 0,
+            block_table_tensor=block_table_dev,
+            slot_mapping=slot_t,
+            causal=True,
+            is_prefilling=torch.from_numpy(nc[0] < np.asarray(
+                [r.num_prompt for r in reqs])),
+        )
+        for attn_group in runner.attn_groups[0]:
+            group_names = [n for n in attn_group.layer_names if n in names]
+            if not group_names:
+                continue
+            md = attn_group.build_metadata(cm, 0)
+            for n in group_names:
+                attn_metadata[n] = md
+                if slot_by_layer is not None:
+                    slot_by_layer[n] = slot_t
+    return plan
+
+
+# ------------------------------------------------------------------------------------------
+# model side
+# ------------------------------------------------------------------------------------------
+def _select_rows(plan: StepPlan, g: int, stream: torch.Tensor, seq_pos: torch.Tensor,
+                 req_of_row: torch.Tensor, seg_state: Dict[tuple, torch.Tensor],
+                 layouts: Dict[str, Any], kept_log: Optional[dict]) -> torch.Tensor:
+    """Row indices (into the current rows) that stage ``g`` keeps, in order."""
+    keep_parts = []
+    n_rows = stream.shape[0]
+    rows_all = torch.arange(n_rows, device=stream.device)
+    for r in plan.reqs:
+        mask = req_of_row == r.index
+        rows = rows_all[mask]
+        if not r.selecting:
+            keep_parts.append(rows)
+            continue
+        pos = seq_pos[rows]
+        keep_mask = torch.ones(rows.numel(), dtype=torch.bool, device=stream.device)
+        last_prompt = r.num_prompt - 1
+        for vi, v in enumerate(r.selecting):
+            vis = (pos >= v.offset) & (pos < v.visual_end)
+            vrows = torch.nonzero(vis).flatten()
+            qrows = torch.nonzero((pos >= v.visual_end) & (pos <= last_prompt)).flatten()
+            key = (r.index, vi)
+            seg, nseg = seg_state[key]
+            hv = stream[rows[vrows]].float()
+            query = stream[rows[qrows]].float()
+            keep = select_layer_stage(hv, query, seg, v.counts[g], v.config,
+                                      use_dpp=bool(v.uses_dpp[g]), num_segments=nseg)
+            drop = torch.ones(vrows.numel(), dtype=torch.bool, device=stream.device)
+            drop[keep.to(stream.device)] = False
+            keep_mask[vrows[drop]] = False
+            seg_state[key] = (seg[keep.to(seg.device)], nseg)
+            if kept_log is not None:
+                kept_log.setdefault(v.mm_hash, []).append(
+                    (pos[vrows[keep.to(stream.device)]] - v.offset).cpu())
+        keep_parts.append(rows[keep_mask])
+    if n_rows > plan.num_tokens_current:
+        keep_parts.append(rows_all[plan.num_tokens_current:])
+    return torch.cat(keep_parts) if keep_parts else rows_all
+
+
+def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
+                   inputs_embeds: torch.Tensor, layouts: Dict[str, Any],
+                   kept_log: Optional[dict] = None) -> torch.Tensor:
+    """Qwen2-style decoder forward with HieraVid stage boundaries (see module docstring).
+
+    ``text_model``: vLLM's ``Qwen2Model`` (``layers``, ``norm``); ``layouts``: mm_hash ->
+    (segment_ids, num_segments) of every selecting video (from the input stage).
+    Returns hidden states for all of the step's rows (rows dropped at a boundary are zero).
+    """
+    hidden = inputs_embeds
+    residual = None
+    n_total = hidden.shape[0]
+    device = hidden.device
+    seq_pos = torch.zeros(n_total, dtype=torch.long, device=device)
+    req_of_row = torch.full((n_total,), -1, dtype=torch.long, device=device)
+    for r in plan.reqs:
+        a, b = int(plan.query_start_loc[r.index]), int(plan.query_start_loc[r.index + 1])
+        seq_pos[a:b] = torch.arange(r.start, r.start + r.num_tokens, device=device)
+        req_of_row[a:b] = r.index
+    orig_rows = torch.arange(n_total, device=device)
+    seg_state = {}
+    for r in plan.reqs:
+        for vi, v in enumerate(r.selecting):
+            seg, nseg = layouts[v.mm_hash]
+            seg_state[(r.index, vi)] = (seg, nseg)
+    plan.num_tokens_current = plan.num_tokens
+    boundaries = set(plan.boundaries[1:])
+    g = 0
+    for idx, layer in enumerate(text_model.layers[text_model.start_layer:text_model.end_layer],
+                                start=text_model.start_layer):
+        if idx in boundaries:
+            g += 1
+            stream = hidden if residual is None else hidden + residual
+            keep = _select_rows(plan, g, stream, seq_pos, req_of_row, seg_state, layouts,
+                                kept_log)
+            hidden = hidden[keep]
+            if residual is not None:
+                residual = residual[keep]
+            positions = positions[..., keep]
+            seq_pos = seq_pos[keep]
+            req_of_row = req_of_row[keep]
+            orig_rows = orig_rows[keep]
+            plan.num_tokens_current = plan.stage_rows[g]
+        hidden, residual = layer(positions, hidden, residual)
+    hidden, _ = text_model.norm(hidden, residual)
+    out = hidden.new_zeros((n_total, hidden.shape[-1]))
+    out[orig_rows] = hidden
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the model mixin (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision: all run vLLM's Qwen2Model)
+# ------------------------------------------------------------------------------------------
+#: File prefix of the per-stage kept-token dumps written to $HIERAVID_DEBUG_DIR.
+STAGES_DUMP_PREFIX = "stages"
+
+
+class HieraVidStagesMixin:
+    """Adds the in-LLM stages to a HieraVid model class.
+
+    Subclasses implement ``_hieravid_video_grid(data) -> (frames, tokens_per_frame, extra)``
+    for one video's multimodal inputs (extra: placeholder tokens never pruned) and attach
+    ``hieravid_layout`` = (segment_ids, num_segments, kept_indices) of the input stage to each
+    video embedding they return from ``embed_multimodal``.
+    """
+
+    def _hieravid_stages_setup(self) -> None:
+        from hieravid_vllm.models.common import num_llm_layers
+
+        opts = self.hieravid_options
+        self.hieravid_stages_enabled = opts is not None and opts.config.mode == "full"
+        L = num_llm_layers(self.config)
+        self.hieravid_boundaries = list(opts.config.stage_boundaries(L)) if opts else [0]
+        self._hieravid_plan: Optional[StepPlan] = None
+        self._hieravid_encoder_cache = None
+        self._hieravid_req_videos: Dict[str, List[VideoSpan]] = {}
+
+    def _hieravid_video_grid(self, data) -> tuple:
+        raise NotImplementedError
+
+    def hieravid_request_videos(self, state) -> List[VideoSpan]:
+        """The pruned videos of a request (worker side, from its multimodal features)."""
+        rid = state.req_id
+        hit = self._hieravid_req_videos.get(rid)
+        if hit is not None:
+            return hit
+        from hieravid_vllm.models.common import (BUDGET_FIELD, decode_budgets, num_llm_layers,
+                                                 stage_schedule)
+
+        opts = self.hieravid_options
+        L = num_llm_layers(self.config)
+        out = []
+        for f in state.mm_features or ():
+            if f.modality != "video":
+                continue
+            frames, per_frame, extra = self._hieravid_video_grid(f.data)
+            cfg = opts.config
+            field = f.data.get(BUDGET_FIELD) if hasattr(f.data, "get") else None
+            if field is not None:
+                (budget,) = decode_budgets(field.data)
+                cfg = opts.with_budget(budget).config
+            counts, uses = stage_schedule(cfg, frames, per_frame, L)
+            length = int(f.mm_position.length)
+            if length != counts[0] + extra:
+                raise RuntimeError(f"HieraVid: video run of {length} tokens, schedule says "
+                                   f"{counts[0]} + {extra}")
+            out.append(VideoSpan(int(f.mm_position.offset), length, counts, uses,
+                                 f.identifier, cfg))
+        out.sort(key=lambda v: v.offset)
+        if len(self._hieravid_req_videos) > 4096:
+            self._hieravid_req_videos.clear()
+        self._hieravid_req_videos[rid] = out
+        return out
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
+                **kwargs):
+        plan, self._hieravid_plan = self._hieravid_plan, None
+        if plan is None or not plan.selecting or intermediate_tensors is not None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
+                                   **kwargs)
+        text_model = self.language_model.model
+        if inputs_embeds is None:
+            inputs_embeds = text_model.embed_input_ids(input_ids)
+        layouts = {}
+        for r in plan.reqs:
+            for v in r.selecting:
+                emb = self._hieravid_encoder_cache.get(v.mm_hash)
+                layout = getattr(emb, "hieravid_layout", None)
+                if layout is None:
+                    raise RuntimeError("HieraVid: no segment layout for a video prefilled in "
+                                       "this step (encoder output missing)")
+                layouts[v.mm_hash] = layout
+        import os
+
+        from hieravid_vllm.models.common import DEBUG_DIR_ENV
+        debug_dir = os.environ.get(DEBUG_DIR_ENV)
+        kept_log = {} if debug_dir else None
+        out = staged_forward(text_model, plan, positions, inputs_embeds,
+                             {h: (l[0], l[1]) for h, l in layouts.items()}, kept_log)
+        if kept_log:
+            _dump_stages(debug_dir, kept_log, layouts)
+        return out
+
+
+_dump_counter = 0
+
+
+def _dump_stages(debug_dir: str, kept_log: dict, layouts: dict) -> None:
+    """Per video: kept tokens at every stage as flat indices into its T*H'*W' tokens."""
+    import os
+    from pathlib import Path
+
+    global _dump_counter
+    for mm_hash, per_stage in kept_log.items():
+        kept0 = layouts[mm_hash][2].cpu()
+        stages = [kept0] + [kept0[idx.long()] for idx in per_stage]
+        _dump_counter += 1
+        path = Path(debug_dir) / f"{STAGES_DUMP_PREFIX}-{os.getpid()}-{_dump_counter:05d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"mm_hash": mm_hash, "stages": stages}, path)
+
+
+# ------------------------------------------------------------------------------------------
+# runner hooks (installed by hieravid_vllm.vllm_patches on the model-runner classes)
+# ------------------------------------------------------------------------------------------
+def wrap_runner_methods(cls, mark) -> None:
+    """``execute_model``: marks the real forward steps; ``_get_slot_mappings``: keeps the
+    per-layer slot-mapping dict; ``_build_attention_metadata``: builds the step plan and the
+    per-stage metadata right after vLLM built its own."""
+    import functools
+
+    orig_exec = cls.__dict__.get("execute_model") or getattr(cls, "execute_model")
+    orig_slots = getattr(cls, "_get_slot_mappings")
+    orig_build = getattr(cls, "_build_attention_metadata")
+    if getattr(orig_build, "_hieravid_stages", False):
+        return
+
+    @functools.wraps(orig_exec)
+    def execute_model(self, *args, **kwargs):
+        self._hieravid_in_step = True
+        try:
+            return orig_exec(self, *args, **kwargs)
+        finally:
+            self._hieravid_in_step = False
+
+    @functools.wraps(orig_slots)
+    def _get_slot_mappings(self, *args, **kwargs):
+        by_gid, by_layer = orig_slots(self, *args, **kwargs)
+        self._hieravid_slot_by_layer = by_layer
+        return by_gid, by_layer
+
+    @functools.wraps(orig_build)
+    def _build_attention_metadata(self, *args, **kwargs):
+        attn_metadata, spec = orig_build(self, *args, **kwargs)
+        model = self.get_model()
+        if not getattr(model, "hieravid_stages_enabled", False):
+            return attn_metadata, spec
+        model._hieravid_plan = None
+        if not getattr(self, "_hieravid_in_step", False) or \
+                kwargs.get("for_cudagraph_capture") or kwargs.get("ubatch_slices") is not None:
+            return attn_metadata, spec
+        num_reqs = kwargs.get("num_reqs", args[1] if len(args) > 1 else None)
+        num_tokens = kwargs.get("num_tokens", args[0] if args else None)
+        ids = self.input_batch.req_ids[:num_reqs]
+        if not num_reqs or any(r not in self.requests for r in ids):
+            return attn_metadata, spec
+        plan = build_step_plan(self, model, attn_metadata,
+                               getattr(self, "_hieravid_slot_by_layer", None), num_reqs,
+                               num_tokens)
+        model._hieravid_plan = plan
+        model._hieravid_encoder_cache = self.encoder_cache
+        return attn_metadata, spec
+
+    _build_attention_metadata._hieravid_stages = True
+    for fn in (execute_model, _get_slot_mappings, _build_attention_metadata):
+        setattr(fn, mark, True)
+    cls.execute_model = execute_model
+    cls._get_slot_mappings = _get_slot_mappings
+    cls._build_attention_metadata = _build_attention_metadata

@@ -10,6 +10,9 @@ default of ``"auto"``):
 * :func:`greedy_map_batched` / :func:`greedy_map` -- fast greedy MAP of the (relevance-weighted)
   DPP, all segments in one launch
 * :func:`frame_level_select` -- one frame-level pruning stage using the batched greedy MAP
+* :data:`OPS` -- the three dispatches above as the ``ops`` of
+  :func:`hieravid_vllm.core.pipeline.prune_input_stage` / ``select_layer_stage`` (what the
+  vLLM plugin passes: the serving path calls only these dispatches)
 
 Importing this package needs only torch (triton optional, vLLM never); the reference is imported
 from ``hieravid_vllm.core`` when used. Design notes and costs: kernels/README.md.
@@ -21,6 +24,23 @@ from .merge import merge_static_tokens, merge_static_tokens_triton
 from .select import frame_level_select
 from .similarity import similarity_map, similarity_map_triton
 
+
+class DispatchOps:
+    """``ops`` for :func:`hieravid_vllm.core.pipeline.prune_input_stage` and
+    ``select_layer_stage`` (the attributes of ``hieravid_vllm.core.pipeline.PruneOps``): the
+    dispatches of this package, each with ``backend="auto"`` -- Triton on CUDA tensors, the core
+    reference elsewhere (env ``HIERAVID_KERNELS_BACKEND`` overrides)."""
+
+    similarity_map = staticmethod(similarity_map)
+    merge_static_tokens = staticmethod(merge_static_tokens)
+    frame_level_select = staticmethod(frame_level_select)
+
+    def __repr__(self) -> str:
+        return "hieravid_kernels.OPS"
+
+
+OPS = DispatchOps()
+
 __all__ = [
     "HAS_TRITON", "interpreter_ready", "poisoned_outputs",
     "similarity_map", "similarity_map_triton",
@@ -28,4 +48,5 @@ __all__ = [
     "greedy_map_batched", "greedy_map", "greedy_map_batched_triton",
     "greedy_map_explicit_triton", "gram_triton",
     "frame_level_select",
+    "DispatchOps", "OPS",
 ]

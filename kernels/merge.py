@@ -156,17 +156,12 @@ def merge_static_tokens_triton(F: torch.Tensor, static_mask: torch.Tensor,
                                block_c: Optional[int] = None, num_warps: int = 4,
                                block_t: Optional[int] = None):
     """Triton kernels for :func:`merge_static_tokens` (any device: CPU runs the interpreter)."""
-    from hieravid_vllm.core.segment import MergeResult
+    from hieravid_vllm.core.segment import MergeResult, check_merge_args
 
-    if F.dim() != 4:
-        raise ValueError(f"F must be (T, H', W', C), got shape {tuple(F.shape)}")
-    T, Hh, Ww, C = F.shape
+    T, Hh, Ww, C = check_merge_args(F, static_mask)
     P = Hh * Ww
     N = T * P
     dev = F.device
-    if static_mask.shape != (max(T - 1, 0), Hh, Ww):
-        raise ValueError(f"static_mask must be {(max(T - 1, 0), Hh, Ww)}, got "
-                         f"{tuple(static_mask.shape)}")
     static = static_mask.to(dev, torch.bool).contiguous().view(torch.uint8)
     if num_kept is None:
         num_kept = N - int(static.sum())
@@ -210,4 +205,4 @@ def merge_static_tokens(F: torch.Tensor, static_mask: torch.Tensor,
     if use_triton(backend, F, static_mask):
         return merge_static_tokens_triton(F, static_mask, frame_segment_ids, num_kept)
     from hieravid_vllm.core.segment import merge_static_tokens as ref
-    return ref(F, static_mask, frame_segment_ids)
+    return ref(F, static_mask, frame_segment_ids, num_kept=num_kept)

@@ -17,17 +17,28 @@ Exact ties (duplicated tokens) differ only by round-off, which depends on how th
 entries were computed (GEMM vs GEMV, Triton vs PyTorch); the tolerance makes every
 implementation pick the same token.
 
-Stop rule: the step stops once max d_i^2 < max(eps, rel_eps * max_i L_ii) (eps = 1e-10 as in
-the reference code; rel_eps, default 1e-5 for an fp32 state and 1e-12 for float64, guards
-against round-off residuals of a rank-deficient kernel, e.g. duplicated tokens, whose d_i^2
-is ~1e-7 L_ii in fp32 instead of 0: without it the greedy would pick by round-off noise). The remaining picks are then filled deterministically in fallback order: by
-``fallback_scores`` descending (default: the kernel diagonal L_ii, i.e. relevance-weighted
-norm), ties by lowest index, among the unselected. Exactly k indices are always returned.
+This rule (shared with the Triton kernels of ``hieravid_kernels``) deviates from exact greedy
+only where two gains differ by less than the band tie = rel_eps * max_i L_ii (1e-5 of the largest
+diagonal for an fp32 state, 1e-12 for float64): the lower index wins there, whichever gain is
+larger. Outside the band it is exact greedy (tests: brute-force float64 log-det greedy on
+well-conditioned inputs, and inputs with a designed gap inside the band).
+
+Stop rule: the greedy stops for good at the first step where the largest gain mx = max d_i^2
+over the unselected is not finite-and-large-enough, i.e. unless thr <= mx < inf with
+thr = max(eps, tie) (eps = 1e-10 as in the reference code). rel_eps guards against round-off
+residuals of a rank-deficient kernel, e.g. duplicated tokens, whose d_i^2 is ~1e-7 L_ii in
+fp32 instead of 0: without it the greedy would pick by round-off noise. A NaN gain anywhere
+among the unselected (torch.max propagates NaN) or a +inf one stops it too.
+
+Fallback: the remaining picks are the unselected tokens by ``fallback_scores`` descending
+(default: the kernel diagonal L_ii, i.e. relevance-weighted norm), NaN scores counting as
+-inf, ties by lowest index. Never an already selected (or padding) index: exactly k distinct
+indices are always returned.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -42,6 +53,9 @@ __all__ = [
     "greedy_map_batched",
     "segment_layout",
     "frame_level_select",
+    "default_rel_eps",
+    "check_greedy_args",
+    "fallback_order",
 ]
 
 _TINY = 1e-30
@@ -51,8 +65,34 @@ def _state_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _default_rel_eps(dtype: torch.dtype) -> float:
+def default_rel_eps(dtype: torch.dtype) -> float:
+    """Width of the tie band relative to max_i L_ii (module docstring): 1e-12 for a float64
+    state, 1e-5 for fp32 (also the Triton kernels' default, whose state is fp32)."""
     return 1e-12 if dtype == torch.float64 else 1e-5
+
+
+def check_greedy_args(L: torch.Tensor, k) -> Tuple[int, int]:
+    """Validate the explicit-kernel arguments of :func:`greedy_map` -> (n, k)."""
+    if L.dim() != 2 or L.shape[0] != L.shape[1]:
+        raise ValueError(f"L must be square (n, n), got {tuple(L.shape)}")
+    n = L.shape[0]
+    k = int(k)
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    return n, k
+
+
+def fallback_order(scores: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+    """Fallback order along the last dim: available tokens first, by score descending with NaN
+    counting as -inf, ties lowest index; then the unavailable ones (never to be used).
+
+    Two stable sorts (score, then availability), so that no score -- -inf, NaN or +inf -- can
+    move an unavailable token ahead of an available one."""
+    key = -torch.nan_to_num(scores, nan=float("-inf"), posinf=float("inf"),
+                            neginf=float("-inf"))
+    order = torch.sort(key, dim=-1, stable=True).indices
+    taken = (~avail).gather(-1, order).to(torch.int8)
+    return order.gather(-1, torch.sort(taken, dim=-1, stable=True).indices)
 
 
 # ------------------------------------------------------------------------------------------
@@ -142,12 +182,7 @@ def greedy_map(L: torch.Tensor, k: int, eps: float = 1e-10, rel_eps: Optional[fl
     incremental Cholesky, stop rule, fallback, tie-break lowest index). O(n k^2) time,
     O(n k) memory. ``k`` in [0, n].
     """
-    if L.dim() != 2 or L.shape[0] != L.shape[1]:
-        raise ValueError(f"L must be square (n, n), got {tuple(L.shape)}")
-    n = L.shape[0]
-    k = int(k)
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in [0, {n}], got {k}")
+    n, k = check_greedy_args(L, k)
     dt = _state_dtype(L)
     Lw = L.to(dt)
     dev = L.device
@@ -156,7 +191,7 @@ def greedy_map(L: torch.Tensor, k: int, eps: float = 1e-10, rel_eps: Optional[fl
         return out
     diag = torch.diagonal(Lw).clone()
     d2 = diag.clone()
-    rel = _default_rel_eps(dt) if rel_eps is None else rel_eps
+    rel = default_rel_eps(dt) if rel_eps is None else rel_eps
     tie = rel * max(float(diag.max()), 0.0)
     thr = max(eps, tie)
     c = torch.zeros(k, n, dtype=dt, device=dev)
@@ -166,7 +201,7 @@ def greedy_map(L: torch.Tensor, k: int, eps: float = 1e-10, rel_eps: Optional[fl
     for step in range(k):
         cand = torch.where(avail, d2, neg_inf)
         mx = cand.max()
-        if not bool(mx >= thr):
+        if not bool((mx >= thr) & (mx < math.inf)):
             break
         j = int(_first_argmax(cand, mx, tie))
         out[step] = j
@@ -177,9 +212,7 @@ def greedy_map(L: torch.Tensor, k: int, eps: float = 1e-10, rel_eps: Optional[fl
         m = step + 1
     if m < k:
         fb = diag if fallback_scores is None else fallback_scores.to(dev, dt)
-        key = torch.where(avail, -fb, torch.full_like(fb, float("inf")))
-        order = torch.sort(key, stable=True).indices
-        out[m:] = order[: k - m]
+        out[m:] = fallback_order(fb, avail)[: k - m]
     return out
 
 
@@ -224,7 +257,7 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
     diag = (H * H).sum(-1) * sc * w * w
     diag = torch.where(valid, diag, torch.zeros_like(diag))
     d2 = diag.clone()
-    rel = _default_rel_eps(dt) if rel_eps is None else rel_eps
+    rel = default_rel_eps(dt) if rel_eps is None else rel_eps
     tie = diag.max(-1).values.clamp_min(0) * rel
     thr = tie.clamp_min(eps)
     if materialize is None:
@@ -240,7 +273,7 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
     for step in range(kmax):
         cand = torch.where(avail, d2, neg_inf)
         mx = cand.max(-1).values
-        ok = active & (step < ks) & (mx >= thr)
+        ok = active & (step < ks) & (mx >= thr) & (mx < math.inf)
         active = ok
         j = torch.where(ok, _first_argmax(cand, mx, tie).clamp_max(n - 1), torch.zeros_like(ks))
         if G is not None:
@@ -260,8 +293,7 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
     picked = (sel >= 0).sum(-1)
     if bool((picked < ks).any()):
         fb = diag if fallback_scores is None else fallback_scores.to(dev, dt)
-        key = torch.where(avail, -fb, torch.full_like(fb, float("inf")))
-        order = torch.sort(key, dim=-1, stable=True).indices          # (S, n)
+        order = fallback_order(fb, avail)                              # (S, n)
         ar_k = torch.arange(kmax, device=dev).unsqueeze(0)
         src = (ar_k - picked.unsqueeze(-1)).clamp(0, n - 1)
         fill = order.gather(1, src)
@@ -297,7 +329,8 @@ def segment_layout(segment_ids: torch.Tensor,
 def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
                        segment_ids: torch.Tensor, target: int, config: HieraVidConfig,
                        use_dpp: bool = True,
-                       num_segments: Optional[int] = None) -> torch.LongTensor:
+                       num_segments: Optional[int] = None, *,
+                       greedy: Optional[Callable[..., torch.Tensor]] = None) -> torch.LongTensor:
     """One pruning stage on ``hidden`` (n, C): keep ``target`` tokens, ascending positions.
 
     1. r = :func:`relevance` of the tokens to ``query`` (Eq. 8; r = 1 when ``query`` is None);
@@ -306,6 +339,9 @@ def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
        order as fallback; otherwise (relevance-only stage) the k_m most relevant tokens of each
        segment (ties: lowest index).
     Segment ids must be in temporal order (Eq. 4 uses left / right neighbours).
+    ``greedy``: the batched greedy MAP to use, with the signature and result of
+    :func:`greedy_map_batched` (the default); ``hieravid_kernels.frame_level_select`` passes its
+    dispatch here (Triton on CUDA tensors).
     """
     from .schedule import segment_counts  # local import: schedule imports nothing from here
 
@@ -329,8 +365,8 @@ def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
     if use_dpp:
         V, sc = kernel_features(hidden, config.dpp_kernel)
         feats = V[safe]                                               # (M, n_max, C)
-        sel = greedy_map_batched(feats, lengths, ks, weights=r_pad, scale=sc,
-                                 eps=config.dpp_eps, fallback_scores=r_pad)
+        sel = (greedy or greedy_map_batched)(feats, lengths, ks, weights=r_pad, scale=sc,
+                                             eps=config.dpp_eps, fallback_scores=r_pad)
     else:
         key = torch.where(valid, -r_pad, torch.full_like(r_pad, float("inf")))
         sel = torch.sort(key, dim=-1, stable=True).indices[:, : int(ks.max())]

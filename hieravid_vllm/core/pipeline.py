@@ -6,11 +6,17 @@
 * :func:`select_layer_stage` -- one in-LLM stage (Sec. 3.3): the selection applied at a stage
   boundary to that layer's visual hidden states and the instruction token's hidden state,
   reusing the segment layout of the input stage.
+
+Both take ``ops``: the implementations of the three hot spots (similarity map, static-token
+merging, frame-level DPP selection), any object with the attributes of :class:`PruneOps`.
+Default: :data:`REFERENCE_OPS`, the pure-PyTorch references of this package. The serving path
+passes ``hieravid_kernels.OPS`` (the kernel dispatch: Triton on CUDA tensors, these references
+elsewhere); this package itself imports neither vLLM nor Triton.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -20,7 +26,28 @@ from .schedule import StageSchedule, build_schedule, round_half_up
 from .segment import (MergeResult, frame_segments, merge_static_tokens, similarity_map,
                       static_topk)
 
-__all__ = ["InputStageResult", "prune_input_stage", "select_layer_stage"]
+__all__ = ["InputStageResult", "PruneOps", "REFERENCE_OPS", "prune_input_stage",
+           "select_layer_stage"]
+
+
+@dataclass(frozen=True)
+class PruneOps:
+    """The three hot spots of the pruning, as called by :func:`prune_input_stage` and
+    :func:`select_layer_stage` (each with the signature and result of the reference):
+
+    similarity_map(F) -> S (Eq. 1), :func:`~hieravid_vllm.core.segment.similarity_map`;
+    merge_static_tokens(F, static_mask, frame_segment_ids, num_kept=N - K) -> MergeResult
+    (Eq. 3), :func:`~hieravid_vllm.core.segment.merge_static_tokens`;
+    frame_level_select(hidden, query, segment_ids, target, config, use_dpp=, num_segments=)
+    -> kept positions (Sec. 3.2, Eq. 4-10), :func:`~hieravid_vllm.core.dpp.frame_level_select`.
+    """
+
+    similarity_map: Callable = similarity_map
+    merge_static_tokens: Callable = merge_static_tokens
+    frame_level_select: Callable = frame_level_select
+
+
+REFERENCE_OPS = PruneOps()
 
 
 @dataclass(frozen=True)
@@ -52,7 +79,8 @@ class InputStageResult:
 
 def prune_input_stage(features: torch.Tensor, instruction_embedding: Optional[torch.Tensor] = None,
                       config: Optional[HieraVidConfig] = None,
-                      num_layers: int = DEFAULT_NUM_LAYERS) -> InputStageResult:
+                      num_layers: int = DEFAULT_NUM_LAYERS, *,
+                      ops: Optional[PruneOps] = None) -> InputStageResult:
     """Input stage of HieraVid on one video.
 
     ``features`` (T, H', W', C) visual tokens (projector output); ``instruction_embedding``
@@ -65,7 +93,10 @@ def prune_input_stage(features: torch.Tensor, instruction_embedding: Optional[to
        ``config.segment_ratio`` when set, otherwise the same K.
     3. Static-token merging (Eq. 3) -> N - K tokens (``full`` mode stops here: stage 1).
     4. ``input_only``: frame-level DPP (Sec. 3.2, per-segment counts Eq. 4-5) to round(b N).
+
+    ``ops`` (default :data:`REFERENCE_OPS`) supplies steps 1, 3 and 4 (module docstring).
     """
+    ops = REFERENCE_OPS if ops is None else ops
     cfg = HieraVidConfig.coerce(config)
     if features.dim() != 4:
         raise ValueError(f"features must be (T, H', W', C), got {tuple(features.shape)}")
@@ -73,20 +104,20 @@ def prune_input_stage(features: torch.Tensor, instruction_embedding: Optional[to
     N = T * Hh * Ww
     sched = build_schedule(cfg, N, num_layers, max_merge=max(T - 1, 0) * Hh * Ww)
     K = sched.merge_count
-    S = similarity_map(features)
+    S = ops.similarity_map(features)
     static = static_topk(S, K)
     K_seg = K
     if cfg.segmentation == "merge_ratio" and cfg.segment_ratio is not None:
         K_seg = min(round_half_up(cfg.segment_ratio * N), S.numel())
     fseg = frame_segments(features, cfg, S=S, K_seg=K_seg,
                           static_mask=static if K_seg == K else None)
-    merged = merge_static_tokens(features, static, fseg)
+    merged = ops.merge_static_tokens(features, static, fseg, num_kept=N - K)
     if cfg.mode == "full" or sched.input_target == merged.flat_indices.numel():
         return InputStageResult(merged.flat_indices, merged.features, merged.thw,
                                 merged.segment_ids, fseg, sched, merged)
-    keep = frame_level_select(merged.features, instruction_embedding, merged.segment_ids,
-                              sched.input_target, cfg, use_dpp=True,
-                              num_segments=merged.num_segments)
+    keep = ops.frame_level_select(merged.features, instruction_embedding, merged.segment_ids,
+                                  sched.input_target, cfg, use_dpp=True,
+                                  num_segments=merged.num_segments)
     seg = merged.segment_ids[keep]
     # renumber segments that kept no token away (ids stay in temporal order)
     if seg.numel():
@@ -101,7 +132,8 @@ def select_layer_stage(hidden_visual: torch.Tensor, query: Optional[torch.Tensor
                        segment_ids: torch.Tensor, target: int,
                        config: Optional[HieraVidConfig] = None,
                        use_dpp: bool = True,
-                       num_segments: Optional[int] = None) -> torch.LongTensor:
+                       num_segments: Optional[int] = None, *,
+                       ops: Optional[PruneOps] = None) -> torch.LongTensor:
     """Layer-level stage (Sec. 3.3): positions (ascending) of the visual tokens to keep.
 
     ``hidden_visual`` (n, C) the visual tokens' hidden states at the stage's first layer,
@@ -109,9 +141,11 @@ def select_layer_stage(hidden_visual: torch.Tensor, query: Optional[torch.Tensor
     ``config.relevance_source``), ``segment_ids`` (n,) of these tokens (from the input stage,
     subset by earlier selections), ``target`` the stage count (``schedule.counts[i]``).
     ``use_dpp``: ``schedule.uses_dpp[i]`` (False: relevance-only stage, the top-k relevance
-    per segment). Delegates to
-    :func:`hieravid_vllm.core.dpp.frame_level_select`.
+    per segment). Delegates to ``ops.frame_level_select`` (default
+    :func:`hieravid_vllm.core.dpp.frame_level_select`; the serving path passes
+    ``ops=hieravid_kernels.OPS``).
     """
     cfg = HieraVidConfig.coerce(config)
-    return frame_level_select(hidden_visual, query, segment_ids, target, cfg,
-                              use_dpp=use_dpp, num_segments=num_segments)
+    ops = REFERENCE_OPS if ops is None else ops
+    return ops.frame_level_select(hidden_visual, query, segment_ids, target, cfg,
+                                  use_dpp=use_dpp, num_segments=num_segments)

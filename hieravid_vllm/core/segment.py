@@ -11,7 +11,7 @@ All are vectorised over tokens and frames (no Python loop over positions or fram
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -25,6 +25,7 @@ __all__ = [
     "segments_avg_pool",
     "frame_segments",
     "MergeResult",
+    "check_merge_args",
     "merge_static_tokens",
 ]
 
@@ -135,8 +136,20 @@ class MergeResult:
         return int(self.segment_ids.max()) + 1 if self.segment_ids.numel() else 0
 
 
+def check_merge_args(F: torch.Tensor, static_mask: torch.Tensor) -> Tuple[int, int, int, int]:
+    """Validate the shapes of :func:`merge_static_tokens`' inputs -> (T, H', W', C)."""
+    if F.dim() != 4:
+        raise ValueError(f"F must be (T, H', W', C), got shape {tuple(F.shape)}")
+    T, Hh, Ww, C = F.shape
+    if static_mask.shape != (max(T - 1, 0), Hh, Ww):
+        raise ValueError(f"static_mask must be {(max(T - 1, 0), Hh, Ww)}, got "
+                         f"{tuple(static_mask.shape)}")
+    return T, Hh, Ww, C
+
+
 def merge_static_tokens(F: torch.Tensor, static_mask: torch.Tensor,
-                        frame_segment_ids: Optional[torch.Tensor] = None) -> MergeResult:
+                        frame_segment_ids: Optional[torch.Tensor] = None, *,
+                        num_kept: Optional[int] = None) -> MergeResult:
     """Eq. 3: static-token merging.
 
     ``F`` (T, H', W', C); ``static_mask`` (T-1, H', W') bool, row t-1 flags token (t, i, j)
@@ -150,16 +163,14 @@ def merge_static_tokens(F: torch.Tensor, static_mask: torch.Tensor,
     and forbidding it would make the dropped count content-dependent); the merged token
     belongs to the segment of t0. A token that is not merged is returned bit-exactly.
     Vectorised: run heads by a cumulative max over t, sums by ``index_add_`` over run ids.
+
+    ``num_kept`` (optional): the caller's count N - K of kept tokens (the Triton kernel needs it
+    to allocate its outputs without a host read); checked here against the mask.
     """
-    if F.dim() != 4:
-        raise ValueError(f"F must be (T, H', W', C), got shape {tuple(F.shape)}")
-    T, Hh, Ww, C = F.shape
+    T, Hh, Ww, C = check_merge_args(F, static_mask)
     P = Hh * Ww
     N = T * P
     dev = F.device
-    if static_mask.shape != (max(T - 1, 0), Hh, Ww):
-        raise ValueError(f"static_mask must be {(max(T - 1, 0), Hh, Ww)}, got "
-                         f"{tuple(static_mask.shape)}")
     static = torch.zeros(T, P, dtype=torch.bool, device=dev)
     if T > 1:
         static[1:] = static_mask.reshape(T - 1, P).to(dev, torch.bool)
@@ -173,6 +184,8 @@ def merge_static_tokens(F: torch.Tensor, static_mask: torch.Tensor,
     src2kept = rank[head_flat]                               # (N,)
     flat_idx = torch.nonzero(head_f).squeeze(-1)
     n = flat_idx.numel()
+    if num_kept is not None and int(num_kept) != n:
+        raise ValueError(f"num_kept={num_kept} but the static mask keeps {n} of {N} tokens")
     sums = torch.zeros(n, C, dtype=torch.float32, device=dev)
     sums.index_add_(0, src2kept, F.reshape(N, C).to(torch.float32))
     run_len = torch.bincount(src2kept, minlength=n)

@@ -139,7 +139,8 @@ def prune_video(features: torch.Tensor, opts: ServingOptions, num_layers: int):
     global _debug_counter
     cfg = effective_config(opts)
     t0 = time.perf_counter()
-    res = prune_input_stage(features, None, cfg, num_layers=num_layers)
+    from hieravid_kernels import OPS  # the kernel dispatch: Triton on CUDA, core reference else
+    res = prune_input_stage(features, None, cfg, num_layers=num_layers, ops=OPS)
     dt = time.perf_counter() - t0
     T, H, W, _ = features.shape
     logger.debug("HieraVid: video %dx%dx%d: %d -> %d visual tokens (%d segments) in %.2f ms",

@@ -1,0 +1,129 @@
+"""Smoke test of the serving benchmark (benchmarks/serve.py) on the tiny Qwen2.5-VL.
+
+Runs ``serve.main`` for real (three vLLM servers one after another: unpruned, HieraVid at
+budget 0.3 in full mode, vLLM's EVS at the same retention), 2 requests per configuration at
+concurrency 1 and 2, and checks its JSON against independent token accounting:
+
+* unpruned prompt tokens = the HF processor's count for the same frames and question;
+* HieraVid prompt tokens = the HF processor's text tokens + the core schedule's kept count
+  for the video grid (for the mode the server actually ran, which the benchmark records);
+* EVS prompt tokens = text tokens + vLLM's EVS retention rule (max(one frame, floor(N q)));
+* every configuration ran with 0 failures, the KV-cache peak was read, PNG and markdown exist.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hieravid_vllm.core import HieraVidConfig
+from hieravid_vllm.core.schedule import build_schedule
+from hieravid_vllm.testing.hf_reference import hf_video_prompt
+from hieravid_vllm.testing.models import build_tiny_model
+
+pytestmark = pytest.mark.vllm
+
+REPO = Path(__file__).resolve().parent.parent
+BUDGET = 0.3
+LAYERS = 4  # tiny preset
+
+
+def _load_serve():
+    spec = importlib.util.spec_from_file_location("bench_serve", REPO / "benchmarks" / "serve.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve-bench")
+    serve = _load_serve()
+    report = serve.main([
+        "--preset", "tiny", "--configs", f"unpruned,hieravid-full-{BUDGET:g},evs-{BUDGET:g}",
+        "--budgets", f"{BUDGET:g}", "--concurrency", "1,2", "--requests", "2",
+        "--frames", "16,32", "--scenes", "2,3", "--size", "112x112", "--max-tokens", "8",
+        "--request-timeout", "120", "--max-model-len", "4096",
+        "--max-num-batched-tokens", "8192", "--no-progress", "--out-dir", str(out)])
+    return report, out
+
+
+def _hf(question: str, frames: int, width: int, height: int):
+    model = build_tiny_model("qwen2_5_vl")
+    # token accounting depends only on the frame count and size
+    return hf_video_prompt(model, np.zeros((frames, height, width, 3), np.uint8), question)
+
+
+def _prompt_tokens_by_video(cfg: dict) -> dict[int, int]:
+    out = {}
+    for reqs in cfg["requests"].values():
+        for r in reqs:
+            assert r["ok"], r
+            out[r["video"]] = r["prompt_tokens"]
+    return out
+
+
+def test_outputs_written(bench):
+    report, out = bench
+    on_disk = json.loads((out / "serve.json").read_text())
+    assert [c["name"] for c in on_disk["configs"]] == [c["name"] for c in report["configs"]]
+    assert (out / "serve.png").stat().st_size > 1000
+    md = (out / "serve.md").read_text()
+    for name in ("unpruned", f"hieravid-full-{BUDGET:g}", f"evs-{BUDGET:g}"):
+        assert f"| {name}" in md
+    assert "TTFT p50" in md
+
+
+def test_every_config_ran_without_failures(bench):
+    report, _ = bench
+    names = [c["name"] for c in report["configs"]]
+    assert names == ["unpruned", f"hieravid-full-{BUDGET:g}", f"evs-{BUDGET:g}"]
+    for c in report["configs"]:
+        assert c["status"] == "ok", (c["name"], c.get("error"))
+        assert set(c["levels"]) == {"1", "2"}
+        for level, s in c["levels"].items():
+            assert s["requests"] == 2 and s["ok"] == 2 and s["failures"] == 0, (c["name"], s)
+            assert 0 < s["ttft_p50_s"] <= s["latency_p50_s"]
+            assert s["output_tokens_per_s"] > 0 and s["requests_per_s"] > 0
+            assert s["completion_tokens_total"] == 2 * 8  # ignore_eos: fixed length
+            assert s["kv_cache_usage_peak"] is not None and 0 <= s["kv_cache_usage_peak"] <= 1
+            if c["name"] != "unpruned":
+                assert s["ratios"]["prompt_tokens"] < 1
+
+
+def test_prompt_tokens_match_independent_counts(bench):
+    report, _ = bench
+    meta = report["meta"]
+    videos = {v["index"]: v for v in meta["videos"]}
+    by_name = {c["name"]: c for c in report["configs"]}
+    unpruned = _prompt_tokens_by_video(by_name["unpruned"])
+    hv_cfg = by_name[f"hieravid-full-{BUDGET:g}"]
+    hv = _prompt_tokens_by_video(hv_cfg)
+    evs = _prompt_tokens_by_video(by_name[f"evs-{BUDGET:g}"])
+    assert set(unpruned) == set(hv) == set(evs) and len(unpruned) == 4
+    # the mode that ran: full, or input_only with the plugin's fallback warning in the log
+    assert hv_cfg["mode_ran"] in ("full", "input_only")
+    if hv_cfg["mode_ran"] != "full":
+        assert "using mode=" in hv_cfg["mode_evidence"]
+    frames_seen = set()
+    for idx, n_unpruned in unpruned.items():
+        v = videos[idx]
+        frames_seen.add(v["num_frames"])
+        ref = _hf(meta["question"], v["num_frames"], v["width"], v["height"])
+        assert n_unpruned == ref.prompt_tokens
+        t = (v["num_frames"] + 1) // 2  # temporal patch 2
+        per_frame = (v["height"] // 28) * (v["width"] // 28)
+        assert t * per_frame == ref.video_tokens
+        cfg = HieraVidConfig(budget=BUDGET, mode=hv_cfg["mode_ran"])
+        kept = build_schedule(cfg, t * per_frame, LAYERS,
+                              max_merge=(t - 1) * per_frame).input_target
+        assert hv[idx] == ref.text_tokens + kept < n_unpruned
+        evs_kept = max(per_frame, math.floor(t * per_frame * (1 - (1 - BUDGET))))
+        assert evs[idx] == ref.text_tokens + evs_kept < n_unpruned
+    assert frames_seen == {16, 32}

@@ -538,7 +538,7 @@ def run_config(cfg: BenchConfig, args, videos_by_level: dict[int, list[VideoItem
                server_factory: Callable, log_dir: Path, pruning_fix_dir: Path | None) -> dict:
     entry: dict = {"name": cfg.name, "method": cfg.method, "retention": cfg.retention,
                    "mode_requested": cfg.mode, "extra_args": list(cfg.extra_args),
-                   "status": "ok", "levels": {}, "requests": {}}
+                   "status": "ok", "levels": {}, "requests": {}, "load_at_start": _load()}
     env = {}
     if pruning_fix_dir is not None and cfg.method in PEER_METHODS:
         env["PYTHONPATH"] = os.pathsep.join(
@@ -598,6 +598,7 @@ def run_config(cfg: BenchConfig, args, videos_by_level: dict[int, list[VideoItem
         except OSError:
             log_text = ""
         entry["mode_ran"], entry["mode_evidence"] = mode_from_log(log_text, cfg.mode)
+        entry["load_at_end"] = _load()
     return entry
 
 

@@ -381,9 +381,10 @@ class HieraVidReference:
         st = 0
         for (f, tail), off in zip(feats, runs):
             rows.extend(range(st, off))
-            res = prune_input_stage(f.float(), None, cfg, num_layers=L)
+            # as the plugin's prune_video: the features in the model's dtype
+            res = prune_input_stage(f, None, cfg, num_layers=L)
             start = len(rows)
-            rows.extend((off + res.kept_indices).tolist())
+            rows.extend((off + res.kept_indices.cpu()).tolist())
             fill.append((start, res.features))
             n = int(f.shape[0] * f.shape[1] * f.shape[2])
             if tail is not None:
@@ -434,7 +435,7 @@ class HieraVidReference:
             vp = torch.searchsorted(alive, vis_rows[v])
             qmask = (alive >= span.end) & (alive <= last)
             query = h[qmask.to(h.device)].float()
-            keep = select_layer_stage(h[vp.to(h.device)].float(), query, segs[v],
+            keep = select_layer_stage(h[vp.to(h.device)].float(), query, segs[v].to(h.device),
                                       target=int(sched.counts[stage]), config=prep.config,
                                       use_dpp=bool(sched.uses_dpp[stage]),
                                       num_segments=span.input_stage.num_segments)
@@ -457,8 +458,8 @@ class HieraVidReference:
                               dim=1)
         alive = torch.arange(S + E, dtype=torch.long)
         vis_rows = [torch.arange(s.start, s.end, dtype=torch.long) for s in prep.videos]
-        segs = [s.input_stage.segment_ids.clone() for s in prep.videos]
-        flat = [[s.input_stage.kept_indices.clone()] for s in prep.videos]
+        segs = [s.input_stage.segment_ids.to("cpu", torch.long) for s in prep.videos]
+        flat = [[s.input_stage.kept_indices.to("cpu", torch.long)] for s in prep.videos]
         stage_keep: list[list[torch.Tensor]] = [[] for _ in prep.videos]
         rows = [alive]
         h = emb.to(self.dtype)

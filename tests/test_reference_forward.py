@@ -58,6 +58,11 @@ def clips():
 _RUNNERS: dict = {}
 
 
+def _videos(arch: str, clips, keys) -> list:
+    """LLaVA-OneVision makes 64 tokens per frame whatever the size: 4 frames keep it fast."""
+    return [clips[k][:4] if arch == "llava_onevision" else clips[k] for k in keys]
+
+
 def _runner(arch: str) -> HieraVidReference:
     if arch not in _RUNNERS:
         _RUNNERS[arch] = HieraVidReference(build_tiny_model(arch))
@@ -157,7 +162,7 @@ def _hf_inputs(ref, clips_list, extra=()):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_budget_one_equals_transformers(arch, clips):
     ref = _runner(arch)
-    videos = [clips["short"]]
+    videos = _videos(arch, clips, ["short"])
     extra = [11, 42, 7]
     out = ref.forward(videos, QUESTION, HieraVidConfig(budget=1.0), fps=FPS,
                       extra_token_ids=extra)
@@ -255,21 +260,31 @@ def _check_invariants(out):
     assert S == T + sum(s.num_kept for s in prep.videos)
 
 
-CASES = [
-    ("qwen2_5_vl", ("short",)), ("qwen2_5_vl", ("wide", "short")),
-    ("qwen2_vl", ("wide",)), ("llava_onevision", ("short",)),
-    ("llava_onevision", ("short", "wide")),
-]
+CASES = [(arch, ("short",) if arch != "qwen2_vl" else ("wide",), budget)
+         for arch in ARCHS for budget in (0.3, 0.1)]
+CASES += [("qwen2_5_vl", ("wide", "short"), 0.1), ("llava_onevision", ("short", "wide"), 0.3)]
 
 
-@pytest.mark.parametrize("budget", [0.3, 0.1])
-@pytest.mark.parametrize("arch,keys", CASES)
+@pytest.mark.parametrize("arch,keys,budget", CASES)
 def test_pruned_matches_masked_full_sequence(arch, keys, budget, clips):
     ref = _runner(arch)
     cfg = HieraVidConfig(budget=budget)
-    videos = [clips[k] for k in keys]
+    videos = _videos(arch, clips, keys)
     out = ref.forward(videos, QUESTION, cfg, fps=FPS, return_all_logits=True)
     _check_invariants(out)
+    # pruned prompt = rows of the processor's prompt; Qwen: their unpruned M-RoPE positions
+    # (transformers' get_rope_index; both numberings agree on these clips)
+    prep = out.prepared
+    enc = ref.encode(videos, QUESTION, fps=FPS)
+    assert enc["input_ids"][0, prep.unpruned_rows].tolist() == out.prompt_token_ids
+    if ref.is_qwen:
+        pos, _ = ref.model.model.get_rope_index(
+            enc["input_ids"], video_grid_thw=enc["video_grid_thw"],
+            second_per_grid_ts=enc.get("second_per_grid_ts"),
+            mm_token_type_ids=enc["mm_token_type_ids"], attention_mask=enc["attention_mask"])
+        assert torch.equal(out.positions, pos[:, 0, prep.unpruned_rows])
+    else:
+        assert torch.equal(out.positions[0], torch.arange(prep.num_prompt_tokens))
     assert out.counts[0][-1] < out.counts[0][0] < out.prepared.videos[0].features[..., 0].numel()
     logits, flat, alive = _masked_full_forward(ref, out.prepared)
     for v in range(len(videos)):
@@ -310,9 +325,9 @@ def test_bad_inputs():
 def test_extra_tokens_hold_the_selection(arch, clips):
     ref = _runner(arch)
     cfg = HieraVidConfig(budget=0.3)
-    prep = ref.prepare([clips["short"]], QUESTION, cfg, fps=FPS)
+    prep = ref.prepare(_videos(arch, clips, ["short"]), QUESTION, cfg, fps=FPS)
     base = ref.forward(prep)
-    extra = [17, 3, 250, 9]
+    extra = [17, 3, 250]
     out = ref.forward(prep, extra_token_ids=extra)
     # selection depends on the prompt only
     for a, b in zip(out.kept_indices[0], base.kept_indices[0]):

@@ -9,6 +9,11 @@ Checks (issue: vLLM plugin, input stage):
   (same video, second question, video served from the cache) == prefix caching off with
   chunked prefill in small steps.
 Servers start one class at a time (class-scoped fixtures) to bound memory.
+
+These are the input stage's guarantees, so the servers run ``--hieravid-mode input_only``
+(all pruning before the LLM): there a video's KV does not depend on the question, so a second
+question reuses the video from the prefix cache and prefill may be chunked anywhere. The
+default full mode (in-LLM stages) is tested in ``test_stages_engine.py``.
 """
 from __future__ import annotations
 
@@ -69,7 +74,7 @@ def _metric(server, name) -> float:
 
 
 def _kept(cfg: HieraVidConfig, frames: int, per_frame: int, layers: int) -> int:
-    cfg = cfg.model_copy(update={"mode": "input_only"})  # layer-level stages not wired yet
+    cfg = cfg.model_copy(update={"mode": "input_only"})
     return build_schedule(cfg, frames * per_frame, layers,
                           max_merge=(frames - 1) * per_frame).input_target
 
@@ -108,7 +113,8 @@ class TestQwen25Pruned:
     @pytest.fixture(scope="class")
     def server(self, model, debug_dir, tmp_path_factory):
         s = _start(model, tmp_path_factory, "qwen25-pruned",
-                   ["--hieravid-budget", str(BUDGET), "--max-num-seqs", "16"],
+                   ["--hieravid-budget", str(BUDGET), "--hieravid-mode", "input_only",
+                    "--max-num-seqs", "16"],
                    env={"HIERAVID_DEBUG_DIR": str(debug_dir)})
         yield s
         s.stop()
@@ -204,7 +210,8 @@ class TestQwen25NoPrefixCacheChunked:
     @pytest.fixture(scope="class")
     def server(self, tmp_path_factory):
         s = _start(build_tiny_model("qwen2_5_vl"), tmp_path_factory, "qwen25-chunked",
-                   ["--hieravid-budget", str(BUDGET), "--no-enable-prefix-caching",
+                   ["--hieravid-budget", str(BUDGET), "--hieravid-mode", "input_only",
+                    "--no-enable-prefix-caching",
                     "--enable-chunked-prefill", "--max-num-seqs", "4",
                     "--max-num-batched-tokens", "48"])  # the last flag wins in argparse
         yield s
@@ -225,7 +232,8 @@ def test_other_architectures(arch, videos, tmp_path_factory):
     debug_dir = tmp_path_factory.mktemp(f"hv-debug-{arch}")
     frames = read_video_frames(videos["b"])
     hf = hf_video_prompt(model, frames, QUESTIONS[0])
-    server = _start(model, tmp_path_factory, f"{arch}-pruned", ["--hieravid-budget", str(BUDGET)],
+    server = _start(model, tmp_path_factory, f"{arch}-pruned",
+                    ["--hieravid-budget", str(BUDGET), "--hieravid-mode", "input_only"],
                     env={"HIERAVID_DEBUG_DIR": str(debug_dir)})
     try:
         answer, prompt_tokens = _chat(server, _video_msg(videos["b"], QUESTIONS[0]))

@@ -1,0 +1,142 @@
+"""The bookkeeping of the in-LLM stages against brute force (no engine).
+
+* compacted query/prefix lengths per stage (``stages.plan_requests``) equal a simulation that
+  drops random visual tokens token by token;
+* the per-stage slot mapping equals a per-token block-table lookup;
+* the scheduler rules: a video and the rest of its prompt are never split; a prefix-cache
+  hit never ends inside a video; the per-request block key sits on the block of the first
+  video's start only.
+"""
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from hieravid_vllm.core import HieraVidConfig
+from hieravid_vllm.stages import VideoSpan, _ReqPlan, _slot_mapping, plan_requests
+from hieravid_vllm import scheduler as hsched
+
+CFG = HieraVidConfig(budget=0.3)
+
+
+def _video(offset, counts, extra=0, name="v"):
+    return VideoSpan(offset, counts[0] + extra, tuple(counts), (False,) + (True,) * (len(counts) - 1),
+                     name, CFG)
+
+
+def _random_counts(rng, stages):
+    c = [rng.randint(1, 40)]
+    for _ in range(stages - 1):
+        c.append(rng.randint(1, c[-1]))
+    return c
+
+
+def _survivors(rng, videos, total_len, stages):
+    """surv[g, p]: token p present in stage g (random kept visual tokens, nested stages)."""
+    surv = np.ones((stages, total_len), dtype=bool)
+    for v in videos:
+        vis = list(range(v.offset, v.offset + v.counts[0]))
+        kept = vis
+        for g in range(1, stages):
+            kept = sorted(rng.sample(kept, v.counts[g]))
+            mask = np.zeros(total_len, dtype=bool)
+            mask[kept] = True
+            region = np.zeros(total_len, dtype=bool)
+            region[vis] = True
+            surv[g] &= ~region | mask
+    return surv
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_plan_requests_matches_token_simulation(seed):
+    rng = random.Random(seed)
+    S = 4
+    reqs, truth = [], []
+    for i in range(rng.randint(1, 5)):
+        videos, pos = [], rng.randint(0, 20)
+        for k in range(rng.randint(0, 3)):
+            counts = _random_counts(rng, S)
+            extra = rng.randint(0, 1)
+            videos.append(_video(pos, counts, extra, f"r{i}v{k}"))
+            pos += counts[0] + extra + rng.randint(0, 15)
+        prompt = pos + rng.randint(1, 10)
+        total = prompt + rng.randint(0, 20)
+        # either a step that prefills every video and reaches the prompt end, or a step
+        # after all videos (decode / text)
+        if videos and rng.random() < 0.5:
+            start = rng.randint(0, videos[0].offset)
+            n = rng.randint(prompt - start, total - start)
+        else:
+            lo = videos[-1].end if videos else 0
+            start = rng.randint(lo, total - 1)
+            n = rng.randint(1, total - start)
+        reqs.append(_ReqPlan(i, start, n, prompt, videos))
+        surv = _survivors(rng, videos, total, S)
+        truth.append([(int(surv[g, :start].sum()), int(surv[g, start:start + n].sum()))
+                      for g in range(S)])
+    q, nc = plan_requests(reqs, S)
+    for i, t in enumerate(truth):
+        for g in range(S):
+            assert (nc[g, i], q[g, i]) == t[g], (i, g)
+
+
+def test_plan_requests_rejects_split_video_and_missing_question():
+    v = _video(10, [20, 10, 5, 2])
+    with pytest.raises(RuntimeError, match="split across"):
+        plan_requests([_ReqPlan(0, 0, 20, 40, [v])], 4)
+    with pytest.raises(RuntimeError, match="last prompt token"):
+        plan_requests([_ReqPlan(0, 0, 35, 40, [v])], 4)
+
+
+def test_slot_mapping_is_block_table_lookup():
+    rng = np.random.default_rng(0)
+    bs = 16
+    table = rng.permutation(200).reshape(5, 40)
+    nc = np.array([0, 17, 33, 5, 100])
+    q = np.array([40, 1, 60, 0, 7])
+    got = _slot_mapping(table, bs, nc, q, int(q.sum()) + 3)
+    want = []
+    for i in range(5):
+        for j in range(nc[i], nc[i] + q[i]):
+            want.append(table[i][j // bs] * bs + j % bs)
+    assert got[:len(want)].tolist() == want
+    assert (got[len(want):] == -1).all()
+
+
+def _request(spans, prompt, rid="r"):
+    feats = [SimpleNamespace(modality=m, mm_position=SimpleNamespace(offset=o, length=n))
+             for m, o, n in spans]
+    return SimpleNamespace(mm_features=feats, num_prompt_tokens=prompt, request_id=rid)
+
+
+def test_scheduler_never_splits_video_and_question():
+    r = _request([("image", 2, 10), ("video", 20, 50)], prompt=90)
+    assert not hsched.must_wait(r, 0, 90)           # whole prompt
+    assert not hsched.must_wait(r, 0, 120)
+    assert hsched.must_wait(r, 0, 89)               # question cut off
+    assert hsched.must_wait(r, 0, 19)               # would prefill text now, video later
+    assert hsched.must_wait(r, 30, 10)              # inside the video
+    assert not hsched.must_wait(r, 70, 5)           # video already computed (cache hit)
+    assert not hsched.must_wait(_request([("image", 0, 10)], 50), 0, 5)  # no video
+
+
+def test_prefix_hit_cut_before_video():
+    r = _request([("video", 40, 100)], prompt=200)
+    assert hsched.usable_hit(r, 32, 16) == 32
+    assert hsched.usable_hit(r, 48, 16) == 32       # ends inside the video
+    assert hsched.usable_hit(r, 128, 16) == 32
+    assert hsched.usable_hit(r, 144, 16) == 144     # whole video cached
+    r2 = _request([("video", 64, 10)], prompt=100)
+    assert hsched.usable_hit(r2, 70, 16) == 64
+
+
+def test_block_key_on_first_video_block_only():
+    r = _request([("video", 40, 100), ("video", 150, 20)], prompt=200, rid="abc")
+    keys = [hsched.hieravid_extra_keys(r, s, s + 16) for s in range(0, 208, 16)]
+    marked = [i for i, k in enumerate(keys) if k is not None]
+    assert marked == [40 // 16]
+    assert keys[marked[0]] == ("hieravid_stages", "abc")
+    assert hsched.hieravid_extra_keys(_request([("image", 0, 5)], 10), 0, 16) is None

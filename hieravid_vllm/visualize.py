@@ -22,17 +22,20 @@ Features (said in the figure's title):
 
 * ``--model PATH`` (a local Hugging Face directory of Qwen2-VL, Qwen2.5-VL or LLaVA-OneVision,
   e.g. one made by :func:`hieravid_vllm.testing.models.build_tiny_model`): the model's video
-  features (vision tower + projector, through transformers, as the plugin gets them in vLLM).
-  The layer-level stages are selected with :func:`hieravid_vllm.core.pipeline.select_layer_stage`
-  on the HF language model's hidden states at each stage's first layer, from ONE forward pass
-  over [stage-1 visual tokens, question tokens] with 1-D positions (an approximation: in the
-  real pipeline later layers see only the surviving tokens, with M-RoPE positions).
+  features (vision tower + projector, through transformers, as the plugin gets them in vLLM)
+  and, in ``full`` mode, the tokens kept at every stage from the staged transformers forward
+  of :class:`hieravid_vllm.reference.HieraVidReference` (the question after the video, text +
+  kept visual tokens only from each stage on, original M-RoPE positions,
+  :func:`hieravid_vllm.core.pipeline.select_layer_stage` on the residual stream entering
+  each stage's first layer). The frames go in exactly as sampled (their fps: the source fps
+  x sampled / total).
   Qwen2-VL models merge frame pairs (temporal patch 2): a token frame shows its first frame.
 * no model: a **pixel-patch feature** (documented in :func:`pixel_patch_features`: mean
   colour, colour spread, gradient energy and a 4x4 thumbnail of every ``--patch`` x
-  ``--patch`` patch), and the layer-level stages run the same selection on these input
-  features with uniform relevance (no LLM hidden states exist), with the schedule of a
-  ``--num-layers`` LLM (default 28, the paper's models).
+  ``--patch`` patch), and the layer-level stages run the DPP selection on these input
+  features with uniform relevance (no LLM hidden states exist; a relevance-only stage would
+  just keep the lowest indices), with the schedule of a ``--num-layers`` LLM (default 28,
+  the paper's models).
 
 ``--json`` writes the numbers behind the figure (frame indices, O_t, segment ids,
 boundaries, per-stage counts and kept token indices).
@@ -55,8 +58,7 @@ from .core.pipeline import prune_input_stage, select_layer_stage
 from .core.schedule import round_half_up
 from .core.segment import overlap_ratio, similarity_map, static_topk
 
-__all__ = ["Visualization", "pixel_patch_features", "model_features", "compute", "render",
-           "main"]
+__all__ = ["Visualization", "pixel_patch_features", "model_run", "compute", "render", "main"]
 
 _SEG_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
                "#bfef45", "#469990", "#9a6324"]
@@ -146,70 +148,46 @@ def pixel_patch_features(frames: np.ndarray, patch: int = 28, dither: float = 0.
 
 
 @dataclass
-class ModelFeatures:
-    features: torch.Tensor          # (T', H', W', C) projector output
-    token_frames: list[int]         # for each token frame, the index (into the frames given)
-    #                                 of the first frame it covers
+class ModelRun:
+    features: torch.Tensor               # (T', H', W', C) projector output (model dtype)
+    token_frames: list[int]              # per token frame: index (into the frames given) of
+    #                                      the first frame it covers
     arch: str
     num_layers: int
-    hf_model: object = None
-    tokenizer: object = None
+    stage_kept: Optional[list[list[int]]]  # full mode: flat kept indices per stage
 
 
-def _arch_of(model_dir: Path) -> str:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    mt = cfg.get("model_type", "")
-    if mt in ("qwen2_vl", "qwen2_5_vl", "llava_onevision"):
-        return mt
-    raise SystemExit(f"--model {model_dir}: model_type {mt!r} is not supported (Qwen2-VL, "
-                     "Qwen2.5-VL, LLaVA-OneVision)")
-
-
-def model_features(model_dir: str | Path, frames: np.ndarray) -> ModelFeatures:
-    """The model's video features for ``frames`` (T, H, W, 3) uint8 RGB, via transformers
-    (its video processor, vision tower and projector: ``model.get_video_features``)."""
-    import transformers
-    from transformers import AutoProcessor
+def model_run(model_dir: str | Path, frames: np.ndarray, config: HieraVidConfig,
+              question: str, fps: Optional[float] = None) -> ModelRun:
+    """Run ``frames`` (T, H, W, 3) uint8 RGB through a checkpoint with
+    :class:`hieravid_vllm.reference.HieraVidReference` (transformers, no vLLM): its vision
+    features and, in ``full`` mode, the staged forward (text + kept visual tokens, original
+    M-RoPE positions, selection at every stage boundary on the residual stream) that gives
+    the tokens kept in every stage. ``input_only`` mode: the features only (the selection is
+    the input stage's, as the plugin runs it)."""
+    from .reference import HieraVidReference
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"--model {model_dir}: no config.json (a local HF model directory "
-                         "is expected)")
-    arch = _arch_of(model_dir)
-    cls = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
-           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-           "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[arch]
-    proc = AutoProcessor.from_pretrained(model_dir)
-    model = getattr(transformers, cls).from_pretrained(model_dir, dtype=torch.float32).eval()
+        raise SystemExit(f"--model {model_dir}: no config.json (a local Hugging Face model "
+                         "directory of Qwen2-VL, Qwen2.5-VL or LLaVA-OneVision is expected)")
+    try:
+        ref = HieraVidReference(model_dir)
+    except ValueError as e:
+        raise SystemExit(f"--model {model_dir}: {e}") from None
+    stage_kept = None
+    if config.mode == "full":
+        out = ref.forward([frames], question, config, fps=fps)
+        feats = out.prepared.videos[0].features
+        stage_kept = [k.tolist() for k in out.kept_indices[0]]
+    else:
+        feats = ref.video_features(ref.encode([frames], question, fps))[0][0]
     T = frames.shape[0]
-    with torch.no_grad():
-        if arch in ("qwen2_vl", "qwen2_5_vl"):
-            if T % 2:
-                frames = frames[:-1]  # temporal patch 2: an even number of frames
-                T -= 1
-            enc = proc.video_processor(videos=[frames], return_tensors="pt")
-            out = model.model.get_video_features(enc["pixel_values_videos"],
-                                                 enc["video_grid_thw"])
-            feats = out[0] if isinstance(out, (tuple, list)) else getattr(
-                out, "pooler_output", out)
-            if isinstance(feats, (tuple, list)):
-                feats = torch.cat(list(feats))
-            t, h, w = enc["video_grid_thw"][0].tolist()
-            feats = feats.reshape(t, h // 2, w // 2, -1)
-            token_frames = [2 * i for i in range(t)]
-        else:
-            enc = proc.video_processor(videos=[frames], return_tensors="pt")
-            out = model.model.get_video_features(
-                enc["pixel_values_videos"],
-                vision_feature_layer=model.config.vision_feature_layer,
-                vision_feature_select_strategy=model.config.vision_feature_select_strategy)
-            emb = out.pooler_output[0]                          # (T * side^2 + 1, C)
-            side = int(round(((emb.shape[0] - 1) / T) ** 0.5))
-            feats = emb[:-1].reshape(T, side, side, -1)         # newline token dropped
-            token_frames = list(range(T))
-    text_cfg = getattr(model.config, "text_config", model.config)
-    return ModelFeatures(feats.float(), token_frames, arch, int(text_cfg.num_hidden_layers),
-                         model, proc.tokenizer)
+    step = 2 if ref.is_qwen else 1  # Qwen2-VL family: temporal patch 2
+    token_frames = [min(step * t, T - 1) for t in range(feats.shape[0])]
+    name = {"Qwen2VLForConditionalGeneration": "qwen2_vl",
+            "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}.get(ref.arch, "llava_onevision")
+    return ModelRun(feats.detach(), token_frames, name, ref.num_layers, stage_kept)
 
 
 # =========================================================================================
@@ -251,25 +229,21 @@ def _segmentation_k(cfg: HieraVidConfig, merge_count: int, n: int, n_sim: int) -
 
 def compute(frames: np.ndarray, features: torch.Tensor, token_frames: Sequence[int],
             frame_indices: Sequence[int], config: HieraVidConfig, num_layers: int,
-            feature_source: str, hf_model=None, tokenizer=None,
-            question: str = "What happens in the video?") -> Visualization:
+            feature_source: str,
+            stage_kept: Optional[list[list[int]]] = None) -> Visualization:
     """Run the core on ``features`` (T, H', W', C) and collect what the figure draws.
 
     ``frames`` are the decoded frames the features come from, ``token_frames[t]`` the frame
     (index into ``frames``) shown for token frame t, ``frame_indices`` the source frame
-    numbers of ``frames``. With ``hf_model`` the layer-level stages use its LM hidden states.
+    numbers of ``frames``. ``stage_kept``: the kept flat indices of every stage from a model's
+    staged forward (:func:`model_run`); None: the layer-level stages are selected on the
+    input features themselves.
     """
     T, Hh, Ww, C = features.shape
     if T < 2:
         raise SystemExit("need at least 2 token frames (a longer clip or more --num-frames)")
     N = T * Hh * Ww
-    instr = None
-    if hf_model is not None and config.mode == "input_only":
-        ids = tokenizer(question, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            instr = hf_model.get_input_embeddings()(ids)[0].float()
-        instr = instr[-1] if config.relevance_source == "last" else instr
-    res = prune_input_stage(features, instr, config, num_layers=num_layers)
+    res = prune_input_stage(features, None, config, num_layers=num_layers)
     sched = res.schedule
     # Eq. 1-2 again for the bars (the same K as the pipeline's segmentation)
     S = similarity_map(features)
@@ -290,29 +264,30 @@ def compute(frames: np.ndarray, features: torch.Tensor, token_frames: Sequence[i
         names = [f"stage 1 (layers 0-{bl[1] - 1}): after static-token merging"]
         counts = [int(stage1.numel())]
         kept = [stage1.tolist()]
-        if hf_model is not None:
-            hidden, query = _lm_hidden_states(hf_model, tokenizer, res.features, question,
-                                              config)
-            stage_source = ("stages >= 2: select_layer_stage on the HF LM hidden states "
-                            "(one forward over stage-1 tokens + question, 1-D positions)")
+        if stage_kept is not None:
+            if stage_kept[0] != stage1.tolist():
+                raise RuntimeError("the model's input stage differs from the core's on the "
+                                   "same features")
+            stage_source = ("stages >= 2: the staged forward of hieravid_vllm.reference "
+                            "(select_layer_stage on the LLM residual stream at each stage)")
+            for i in range(1, len(sched.counts)):
+                kind = "DPP" if sched.uses_dpp[i] else "relevance top-k"
+                names.append(f"stage {i + 1} (layers {bl[i]}-{bl[i + 1] - 1}): {kind}")
+                counts.append(len(stage_kept[i]))
+                kept.append(list(stage_kept[i]))
         else:
-            hidden, query = None, None
             stage_source = ("stages >= 2: select_layer_stage (DPP) on the input features, "
                             "uniform relevance (no model: no LLM hidden states)")
-        cur = torch.arange(stage1.numel())
-        for i in range(1, len(sched.counts)):
-            h = res.features if hidden is None else hidden[sched.boundaries[i]]
-            q = None if query is None else query[sched.boundaries[i]]
-            # without a model the relevance is uniform: a relevance-only stage would keep the
-            # lowest indices (its tie-break), so every stage runs the DPP on the features
-            use_dpp = sched.uses_dpp[i] or hidden is None
-            keep = select_layer_stage(h[cur], q, res.segment_ids[cur], sched.counts[i], config,
-                                      use_dpp=use_dpp)
-            cur = cur[keep]
-            kind = "DPP" if use_dpp else "relevance top-k"
-            names.append(f"stage {i + 1} (layers {bl[i]}-{bl[i + 1] - 1}): {kind}")
-            counts.append(int(cur.numel()))
-            kept.append(stage1[cur].tolist())
+            cur = torch.arange(stage1.numel())
+            for i in range(1, len(sched.counts)):
+                # uniform relevance: a relevance-only stage would keep the lowest indices (its
+                # tie-break), so every stage runs the DPP on the features
+                keep = select_layer_stage(res.features[cur], None, res.segment_ids[cur],
+                                          sched.counts[i], config, use_dpp=True)
+                cur = cur[keep]
+                names.append(f"stage {i + 1} (layers {bl[i]}-{bl[i + 1] - 1}): DPP")
+                counts.append(int(cur.numel()))
+                kept.append(stage1[cur].tolist())
     shown = np.stack([frames[k] for k in token_frames])
     return Visualization(
         frame_indices=[int(frame_indices[k]) for k in token_frames], grid=(Hh, Ww),
@@ -321,22 +296,6 @@ def compute(frames: np.ndarray, features: torch.Tensor, token_frames: Sequence[i
         stage_names=names, stage_counts=counts, stage_kept=kept, num_visual=N,
         feature_source=feature_source, stage_source=stage_source, budget=config.budget,
         mode=config.mode, frames=shown)
-
-
-def _lm_hidden_states(hf_model, tokenizer, visual: torch.Tensor, question: str,
-                      config: HieraVidConfig):
-    """Hidden states entering every layer for [visual tokens, question tokens]:
-    (L+1 tensors (n, C) of the visual tokens, L+1 queries (C,) or (q, C))."""
-    ids = tokenizer(question, return_tensors="pt")["input_ids"]
-    lm = hf_model.model.language_model
-    with torch.no_grad():
-        q_emb = hf_model.get_input_embeddings()(ids)[0]
-        x = torch.cat([visual.to(q_emb.dtype), q_emb], 0).unsqueeze(0)
-        out = lm(inputs_embeds=x, output_hidden_states=True)
-    n = visual.shape[0]
-    hs = [h[0].float() for h in out.hidden_states]
-    queries = [h[-1] if config.relevance_source == "last" else h[n:] for h in hs]
-    return [h[:n] for h in hs], queries
 
 
 # =========================================================================================
@@ -449,6 +408,21 @@ def render(vis: Visualization, out: str | Path, title: Optional[str] = None,
 # =========================================================================================
 # CLI
 # =========================================================================================
+def _sampled_fps(video: str, num_sampled: int) -> Optional[float]:
+    """Frame rate of the sampled frames (source fps x sampled / total), None if unknown."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(video))
+    try:
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        total = float(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0.0)
+    finally:
+        cap.release()
+    if fps <= 0 or total <= 0:
+        return None
+    return fps * num_sampled / total
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m hieravid_vllm.visualize",
@@ -465,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=16,
                    help="frames sampled evenly from the clip (0: all) (16)")
     p.add_argument("--question", default="What happens in the video?",
-                   help="instruction for the relevance term (with --model)")
+                   help="with --model: the question after the video (relevance, Eq. 8)")
     p.add_argument("--patch", type=int, default=28,
                    help="no model: pixel patch size of one token (28 = a Qwen2-VL LLM token)")
     p.add_argument("--max-side", type=int, default=448,
@@ -503,10 +477,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     idx = sample_frame_indices(len(frames), a.num_frames)
     frames = frames[idx]
     if a.model:
-        mf = model_features(a.model, frames)
-        source = f"{mf.arch} vision tower + projector ({Path(a.model).name})"
-        vis = compute(frames, mf.features, mf.token_frames, idx, cfg, mf.num_layers, source,
-                      mf.hf_model, mf.tokenizer, a.question)
+        mr = model_run(a.model, frames, cfg, a.question, _sampled_fps(a.video, len(idx)))
+        source = f"{mr.arch} vision tower + projector ({Path(a.model).name})"
+        vis = compute(frames, mr.features, mr.token_frames, idx, cfg, mr.num_layers, source,
+                      mr.stage_kept)
     else:
         small = _resize_max_side(frames, a.max_side)
         try:

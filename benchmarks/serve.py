@@ -61,6 +61,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -511,11 +512,16 @@ def run_level(server, videos: Sequence[VideoItem], urls: dict[int, str], concurr
 
     with MetricsPoller(server.url, interval=args.metrics_interval) as poller:
         t0 = time.perf_counter()
-        with cf.ThreadPoolExecutor(max_workers=concurrency) as pool:
+        pool = cf.ThreadPoolExecutor(max_workers=concurrency)
+        try:
             futs = [pool.submit(job, v, t0) for v in videos]
             for f in cf.as_completed(futs):
                 results.append(f.result())
                 progress.update()
+        except BaseException:  # Ctrl-C: do not wait for queued requests; the caller stops
+            pool.shutdown(wait=False, cancel_futures=True)  # the server, which ends the rest
+            raise
+        pool.shutdown(wait=True)
         wall = time.perf_counter() - t0
     results.sort(key=lambda r: r.video)
     summary = summarize_level(results, wall, poller.peak)
@@ -535,10 +541,14 @@ def mode_from_log(log_text: str, requested: str | None) -> tuple[str | None, str
 
 def run_config(cfg: BenchConfig, args, videos_by_level: dict[int, list[VideoItem]],
                warmup: VideoItem, urls: dict[int, str], progress: Progress,
-               server_factory: Callable, log_dir: Path, pruning_fix_dir: Path | None) -> dict:
-    entry: dict = {"name": cfg.name, "method": cfg.method, "retention": cfg.retention,
+               server_factory: Callable, log_dir: Path, pruning_fix_dir: Path | None,
+               entry: dict | None = None) -> dict:
+    """Run one configuration; fills and returns ``entry`` (filled in place, so an
+    interrupted run still leaves what it measured)."""
+    entry = {} if entry is None else entry
+    entry.update({"name": cfg.name, "method": cfg.method, "retention": cfg.retention,
                    "mode_requested": cfg.mode, "extra_args": list(cfg.extra_args),
-                   "status": "ok", "levels": {}, "requests": {}, "load_at_start": _load()}
+                   "status": "ok", "levels": {}, "requests": {}, "load_at_start": _load()})
     env = {}
     if pruning_fix_dir is not None and cfg.method in PEER_METHODS:
         env["PYTHONPATH"] = os.pathsep.join(
@@ -927,7 +937,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, server_factory: Callable | None = None) -> dict:
+    """Run the benchmark; returns the report (also written as JSON). ``server_factory(cfg,
+    env, log_path)`` replaces :class:`VLLMServer` (anything with start/stop/healthy/client/
+    url/model_name/log_tail)."""
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(args, argv, server_factory)
+    old = signal.signal(signal.SIGTERM, _sigterm)  # SIGTERM: stop servers, partial report
+    try:
+        return _main(args, argv, server_factory)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _main(args, argv, server_factory) -> dict:
     t_start = time.perf_counter()
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     if any(not 0.0 < b < 1.0 for b in budgets):
@@ -1051,8 +1074,10 @@ def main(argv: Sequence[str] | None = None, server_factory: Callable | None = No
                                           "retention": cfg.retention, "status": "skipped",
                                           "reason": skipped[cfg.name], "levels": {}})
                 continue
-            report["configs"].append(run_config(cfg, args, videos_by_level, warmup, urls,
-                                                progress, factory, log_dir, pruning_fix))
+            entry: dict = {}
+            report["configs"].append(entry)
+            run_config(cfg, args, videos_by_level, warmup, urls, progress, factory, log_dir,
+                       pruning_fix, entry)
     except KeyboardInterrupt:
         progress.write("interrupted: writing the partial report")
         report["meta"]["interrupted"] = True
@@ -1081,6 +1106,10 @@ def main(argv: Sequence[str] | None = None, server_factory: Callable | None = No
     print(md)
     print(f"wrote {out_dir / 'serve.json'}, {out_dir / 'serve.md'}, {out_dir / 'serve.png'}")
     return report
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _load() -> str:

@@ -2,7 +2,7 @@
 """Multiple-choice video QA accuracy of any OpenAI-compatible endpoint (vLLM with or without
 HieraVid, or anything else that speaks ``/v1/chat/completions`` with ``video_url`` parts).
 
-Three sub-commands::
+Sub-commands::
 
     # 1. convert a public benchmark layout to the harness's JSONL
     python benchmarks/accuracy.py convert --format videomme  videomme/test-00000-of-00001.parquet \\
@@ -24,6 +24,9 @@ Three sub-commands::
 
     # 3. re-print the tables of saved runs (no requests)
     python benchmarks/accuracy.py report runs/hv30.json --baseline runs/base.json
+
+    # smoke set with known answers (how many scenes does each synthetic clip show?)
+    python benchmarks/accuracy.py synth out/synth --n 12
 
 JSONL item (one per line)::
 
@@ -780,6 +783,35 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike,
 
 
 # =========================================================================================
+# Synthetic set (for smoke runs: ground truth known by construction)
+# =========================================================================================
+def write_synthetic_set(out_dir: str | os.PathLike, n: int = 12, num_frames: int = 16,
+                        size: int = 112, fps: float = 4.0, seed: int = 0) -> Path:
+    """``n`` clips of 1-4 scenes (``hieravid_vllm.testing.video.write_scene_video``) and a
+    JSONL asking how many scenes each shows (options 1..4, category = the true count).
+    Returns the JSONL path (videos relative to it)."""
+    import random
+
+    from hieravid_vllm.testing.video import write_scene_video
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    items = []
+    for k in range(n):
+        scenes = 1 + k % 4 if n >= 4 else rng.randint(1, 4)
+        write_scene_video(out / f"synth_{k:03d}.mp4", num_frames=num_frames, width=size,
+                          height=size, fps=fps, num_scenes=scenes, seed=seed * 1000 + k)
+        items.append(Item(id=f"synth_{k:03d}", video=f"synth_{k:03d}.mp4",
+                          question="How many different scenes (backgrounds) does the video "
+                                   "show?", options=["1", "2", "3", "4"],
+                          answer=LETTERS[scenes - 1], category=f"{scenes} scene(s)"))
+    path = out / "synthetic.jsonl"
+    write_jsonl(items, path)
+    return path
+
+
+# =========================================================================================
 # CLI
 # =========================================================================================
 def _check_videos(items: Sequence[Item], root: Optional[Path]) -> list[str]:
@@ -852,6 +884,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0 if n else 1
 
 
+def cmd_synth(a: argparse.Namespace) -> int:
+    path = write_synthetic_set(a.out_dir, a.n, a.num_frames, a.size, a.fps, a.seed)
+    print(f"[synth] {a.n} questions -> {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks/accuracy.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -900,6 +938,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--category", default="task_type",
                    help="videomme: field used as category (task_type, duration, domain)")
     c.set_defaults(func=cmd_convert)
+    y = sub.add_parser("synth", help="write a synthetic scene-count set (smoke tests)")
+    y.add_argument("out_dir")
+    y.add_argument("--n", type=int, default=12)
+    y.add_argument("--num-frames", type=int, default=16)
+    y.add_argument("--size", type=int, default=112)
+    y.add_argument("--fps", type=float, default=4.0)
+    y.add_argument("--seed", type=int, default=0)
+    y.set_defaults(func=cmd_synth)
     return p
 
 

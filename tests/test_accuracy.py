@@ -411,3 +411,16 @@ def test_real_vllm_smoke(tmp_path):
                for r in recs]
     assert run["summary"]["correct"] == sum(l == a for l, a in zip(letters, "AB"))
     assert run["summary"]["unparsed"] == sum(l is None for l in letters)
+
+
+def test_synthetic_set_ground_truth(tmp_path):
+    """The synth set's answers are the scene counts a frame-difference detector finds."""
+    from hieravid_vllm.testing.video import detect_cuts, read_video_frames
+
+    assert acc.main(["synth", str(tmp_path), "--n", "4", "--num-frames", "12",
+                     "--size", "64"]) == 0
+    items = acc.load_items(tmp_path / "synthetic.jsonl")
+    assert [it.answer for it in items] == ["A", "B", "C", "D"]
+    for it in items:
+        cuts = detect_cuts(read_video_frames(tmp_path / it.video))
+        assert acc.LETTERS[len(cuts)] == it.answer and it.options == ["1", "2", "3", "4"]

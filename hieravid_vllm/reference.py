@@ -257,9 +257,8 @@ class HieraVidReference:
                                                or [])):
             raise NotImplementedError("HieraVid reference: sliding-window layers are not supported")
         self.num_layers = int(self.text_config.num_hidden_layers)
-        self.video_token_id = int(getattr(self.config, "video_token_id", None)
-                                  if getattr(self.config, "video_token_id", None) is not None
-                                  else self.config.video_token_index)
+        vid = getattr(self.config, "video_token_id", None)
+        self.video_token_id = int(vid if vid is not None else self.config.video_token_index)
         gen = getattr(self.model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         if eos is None:
@@ -305,7 +304,15 @@ class HieraVidReference:
                               frames_indices=list(range(int(v.shape[0]))))
                 for v, f in zip(videos, fps_l)]
         text = self.prompt_text(question, len(videos))
-        return self.processor(text=[text], videos=videos, return_tensors="pt", **kwargs)
+        if self.is_qwen:
+            return self.processor(text=[text], videos=videos, return_tensors="pt", **kwargs)
+        # LLaVA-OneVision stacks the videos' frames: videos of different lengths only as lists
+        enc = dict(self.processor(text=[text], videos=videos, **kwargs))
+        out = {k: torch.as_tensor(np.asarray(enc[k])) for k in ("input_ids", "attention_mask")}
+        pix = [torch.as_tensor(np.asarray(x)) for x in enc["pixel_values_videos"]]
+        same = len({tuple(x.shape) for x in pix}) == 1
+        out["pixel_values_videos"] = torch.stack(pix) if same else pix
+        return out
 
     @torch.no_grad()
     def video_features(self, enc: dict) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -321,15 +328,14 @@ class HieraVidReference:
             for f, (t, h, w) in zip(feats, grid.tolist()):
                 out.append((f.reshape(t, h // m, w // m, f.shape[-1]), None))
             return out
-        pix = enc["pixel_values_videos"]
         vc = self.config.vision_config
         side = math.ceil((vc.image_size // vc.patch_size) / 2)
-        for i in range(pix.shape[0]):
+        for pix in enc["pixel_values_videos"]:              # (F, 3, H, W) per video
             emb = self.model.get_video_features(
-                pixel_values_videos=pix[i:i + 1].to(self.device, self.dtype),
+                pixel_values_videos=pix[None].to(self.device, self.dtype),
                 return_dict=True).pooler_output
             emb = emb.reshape(-1, emb.shape[-1])            # (F * side^2 + 1, C)
-            frames = pix.shape[1]
+            frames = pix.shape[0]
             out.append((emb[:-1].reshape(frames, side, side, emb.shape[-1]), emb[-1:]))
         return out
 

@@ -59,8 +59,11 @@ _RUNNERS: dict = {}
 
 
 def _videos(arch: str, clips, keys) -> list:
-    """LLaVA-OneVision makes 64 tokens per frame whatever the size: 4 frames keep it fast."""
-    return [clips[k][:4] if arch == "llava_onevision" else clips[k] for k in keys]
+    """LLaVA-OneVision makes 64 tokens per frame whatever the size: few frames keep it fast
+    (two videos of different lengths: the processor cannot stack their frames)."""
+    if arch == "llava_onevision":
+        return [clips[k][:4 if k == "short" else 2] for k in keys]
+    return [clips[k] for k in keys]
 
 
 def _runner(arch: str) -> HieraVidReference:

@@ -24,14 +24,20 @@ What it computes for one prompt ``[video_1 .. video_k, question]`` (chat templat
    (as vLLM numbers it).
 4. LLM layers with layer-level balancing (Sec. 3.3): at the first layer b of every stage
    i >= 2 the residual stream entering layer b (un-normalized; ``output_hidden_states[b]`` of
-   HF) is read; per video, the relevance (Eq. 8) of its kept visual tokens to the prompt rows
-   after the video (the last prompt token for ``relevance_source="last"``) and the
+   HF) is read; per video, the relevance (Eq. 8) of its kept visual tokens to the query rows
+   (the last prompt token for ``relevance_source="last"``, their mean for "mean") and the
    relevance-weighted per-segment DPP (Eq. 9-10, per-segment budgets Eq. 4-5; relevance only
    for the stages before ``dpp_from_stage``) choose ``schedule.counts[i]`` tokens
    (:func:`~hieravid_vllm.core.pipeline.select_layer_stage`). Layers b.. run on the text tokens
    plus the kept visual tokens only: the sequence is gathered in its original order, rotary
    positions are the gathered original positions and attention is causal over the reduced
    sequence. Text tokens are never dropped.
+   Query rows of a video: the rows alive in the stage that ends at b which lie after the
+   video's visual tokens, up to and including the last PROMPT token (Qwen: from
+   ``<|vision_end|>``; LLaVA-OV: from the video's newline token; with several videos this
+   includes the later videos' alive visual tokens). All videos select on the same stream
+   (the drops of one video at b do not change another video's query at b); segment ids are
+   the input stage's, subset by earlier selections (not renumbered).
 5. Final norm + LM head: logits of the last prompt token and of every appended token
    (``extra_token_ids``: decoding steps; the selection depends on the prompt only, the
    appended tokens are attended causally and never change it).
@@ -183,6 +189,9 @@ class ReferenceOutput:
     into the previous stage's tokens; pass it back as ``keep=`` to hold the selection fixed).
     ``rows[i]``: alive rows (indices into prompt + extra) in stage i. With
     ``return_all_logits``: ``all_logits`` (len(rows[-1]), V) for every row alive at the end.
+    ``return_boundary_states``: ``boundary_states[i-1]`` (len(rows[i-1]), C) float32, the
+    residual stream entering boundary layer ``boundaries[i]`` (what the selection reads;
+    HF's ``output_hidden_states[boundaries[i]]`` restricted to the alive rows).
     """
 
     prompt_token_ids: list[int]
@@ -197,6 +206,7 @@ class ReferenceOutput:
     rows: list[torch.Tensor]
     prepared: PreparedPrompt
     all_logits: Optional[torch.Tensor] = None
+    boundary_states: Optional[list[torch.Tensor]] = None
     _runner: Any = field(default=None, repr=False)
 
     @property
@@ -440,6 +450,8 @@ class HieraVidReference:
             sched = span.input_stage.schedule
             vp = torch.searchsorted(alive, vis_rows[v])
             qmask = (alive >= span.end) & (alive <= last)
+            if not bool(qmask.any()):
+                raise ValueError(f"video {v}: no prompt token after it to score relevance against")
             query = h[qmask.to(h.device)].float()
             keep = select_layer_stage(h[vp.to(h.device)].float(), query, segs[v].to(h.device),
                                       target=int(sched.counts[stage]), config=prep.config,
@@ -450,9 +462,12 @@ class HieraVidReference:
 
     @torch.no_grad()
     def _run(self, prep: PreparedPrompt, extra_token_ids: Sequence[int],
-             keep: Optional[Sequence[Sequence[torch.Tensor]]], cache=None):
+             keep: Optional[Sequence[Sequence[torch.Tensor]]], cache=None,
+             boundary_states: Optional[list] = None):
         """The staged forward over prompt + extra tokens. Returns (final hidden (n, C) after
-        the norm, alive rows per stage, stage_keep, kept flat indices, positions)."""
+        the norm, alive rows per stage, stage_keep, kept flat indices, positions).
+        ``boundary_states``: a list that receives, per boundary i >= 1, the residual stream
+        entering that layer (rows ``rows[i-1]``, float32, CPU) before the selection."""
         extra = [int(t) for t in extra_token_ids]
         S = prep.num_prompt_tokens
         E = len(extra)
@@ -475,6 +490,8 @@ class HieraVidReference:
         for layer_idx, layer in enumerate(self.lm.layers):
             if layer_idx in bounds[1:]:
                 stage = bounds.index(layer_idx)
+                if boundary_states is not None:
+                    boundary_states.append(h.detach().float().cpu())
                 if keep is not None:
                     keeps = [torch.as_tensor(keep[v][stage - 1], dtype=torch.long)
                              for v in range(len(prep.videos))]
@@ -518,7 +535,8 @@ class HieraVidReference:
                 extra_token_ids: Sequence[int] = (),
                 fps: Union[None, float, Sequence[Optional[float]]] = None,
                 keep: Optional[Sequence[Sequence[torch.Tensor]]] = None,
-                return_all_logits: bool = False) -> ReferenceOutput:
+                return_all_logits: bool = False,
+                return_boundary_states: bool = False) -> ReferenceOutput:
         """Staged forward of ``[videos, question]`` (+ ``extra_token_ids``).
 
         ``videos`` may be a :class:`PreparedPrompt` from :meth:`prepare` (then ``question``,
@@ -527,7 +545,9 @@ class HieraVidReference:
         """
         prep = videos if isinstance(videos, PreparedPrompt) else \
             self.prepare(videos, question, config, fps)
-        h, rows, stage_keep, flat, positions = self._run(prep, extra_token_ids, keep)
+        states: Optional[list] = [] if return_boundary_states else None
+        h, rows, stage_keep, flat, positions = self._run(prep, extra_token_ids, keep,
+                                                         boundary_states=states)
         S = prep.num_prompt_tokens
         final = rows[-1]
         # the last prompt row and every extra row are text: alive to the end
@@ -541,7 +561,7 @@ class HieraVidReference:
             kept_indices=flat, stage_keep=stage_keep,
             counts=[tuple(s.input_stage.schedule.counts) for s in prep.videos],
             boundaries=list(prep.boundaries), positions=positions, rows=rows,
-            prepared=prep, all_logits=all_logits, _runner=self)
+            prepared=prep, all_logits=all_logits, boundary_states=states, _runner=self)
 
     @torch.no_grad()
     def generate(self, prepared: PreparedPrompt, max_tokens: int, ignore_eos: bool = False,

@@ -83,7 +83,8 @@ def _masked_full_forward(ref: HieraVidReference, prep, extra=(), keep=None):
     """Every layer sees all rows; at stage i the keys of the visual tokens dropped so far are
     masked out (additive -inf) for every query. Selections are made in forward pre-hooks on the
     stage's first layer from the full-length residual stream. Returns (logits (S+E, V),
-    kept flat indices per video per stage, alive rows at the end)."""
+    kept flat indices per video per stage, alive rows at the end, the stream entering every
+    boundary layer at the rows alive before its selection)."""
     lm = ref.lm
     cfg = prep.config
     S = prep.num_prompt_tokens
@@ -105,6 +106,7 @@ def _masked_full_forward(ref: HieraVidReference, prep, extra=(), keep=None):
     neg = torch.finfo(torch.float32).min
     causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
     bounds = prep.boundaries
+    states = []
 
     def hook(module, args, kwargs):
         li = module._hv_idx
@@ -112,6 +114,7 @@ def _masked_full_forward(ref: HieraVidReference, prep, extra=(), keep=None):
         if li in bounds[1:]:
             stage = bounds.index(li)
             h = hidden[0]
+            states.append(h[~dropped].float())
             for v, span in enumerate(prep.videos):
                 sched = span.input_stage.schedule
                 if keep is not None:
@@ -144,7 +147,7 @@ def _masked_full_forward(ref: HieraVidReference, prep, extra=(), keep=None):
         for h in handles:
             h.remove()
     alive = torch.nonzero(~dropped).flatten()
-    return logits, flat, alive
+    return logits, flat, alive, states
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,14 +171,19 @@ def test_budget_one_equals_transformers(arch, clips):
     videos = _videos(arch, clips, ["short"])
     extra = [11, 42, 7]
     out = ref.forward(videos, QUESTION, HieraVidConfig(budget=1.0), fps=FPS,
-                      extra_token_ids=extra)
+                      extra_token_ids=extra, return_boundary_states=True)
     enc = _hf_inputs(ref, videos, extra)
     # nothing pruned: the pruned prompt is the processor's prompt
     assert out.prompt_token_ids == enc["input_ids"][0, :-len(extra)].tolist()
     assert all(k.numel() == out.counts[0][0] for k in out.kept_indices[0])
     with torch.no_grad():
-        hf = ref.model(**enc).logits[0].float()
+        hf_out = ref.model(**enc, output_hidden_states=True)
+    hf = hf_out.logits[0].float()
     S = len(out.prompt_token_ids)
+    # the stream the selection reads = HF's output_hidden_states[b]
+    assert len(out.boundary_states) == len(out.boundaries) - 1
+    for st, b in zip(out.boundary_states, out.boundaries[1:]):
+        _close(st, hf_out.hidden_states[b][0])
     _close(out.prompt_logits, hf[S - 1])
     _close(out.extra_logits, hf[S:])
     if ref.is_qwen:  # positions: transformers' get_rope_index (numberings agree on this clip)
@@ -273,7 +281,8 @@ def test_pruned_matches_masked_full_sequence(arch, keys, budget, clips):
     ref = _runner(arch)
     cfg = HieraVidConfig(budget=budget)
     videos = _videos(arch, clips, keys)
-    out = ref.forward(videos, QUESTION, cfg, fps=FPS, return_all_logits=True)
+    out = ref.forward(videos, QUESTION, cfg, fps=FPS, return_all_logits=True,
+                      return_boundary_states=True)
     _check_invariants(out)
     # pruned prompt = rows of the processor's prompt; Qwen: their unpruned M-RoPE positions
     # (transformers' get_rope_index; both numberings agree on these clips)
@@ -289,7 +298,9 @@ def test_pruned_matches_masked_full_sequence(arch, keys, budget, clips):
     else:
         assert torch.equal(out.positions[0], torch.arange(prep.num_prompt_tokens))
     assert out.counts[0][-1] < out.counts[0][0] < out.prepared.videos[0].features[..., 0].numel()
-    logits, flat, alive = _masked_full_forward(ref, out.prepared)
+    logits, flat, alive, states = _masked_full_forward(ref, out.prepared)
+    for a, b in zip(out.boundary_states, states):
+        _close(a, b)
     for v in range(len(videos)):
         for a, b in zip(out.kept_indices[v], flat[v]):
             assert torch.equal(a, b)
@@ -306,7 +317,7 @@ def test_mean_relevance_query(clips):
     out = ref.forward([clips["wide"], clips["short"]], QUESTION, cfg, fps=FPS,
                       return_all_logits=True)
     _check_invariants(out)
-    logits, flat, alive = _masked_full_forward(ref, out.prepared)
+    logits, flat, alive, _ = _masked_full_forward(ref, out.prepared)
     assert all(torch.equal(a, b) for v in range(2) for a, b in zip(out.kept_indices[v], flat[v]))
     _close(out.all_logits, logits[alive])
 
@@ -340,7 +351,7 @@ def test_extra_tokens_hold_the_selection(arch, clips):
         fresh = ref.forward(prep, extra_token_ids=extra[:k + 1], keep=base.stage_keep)
         _close(out.extra_logits[k], fresh.extra_logits[-1])
     # second formulation with the extra tokens appended, selection held fixed
-    logits, _flat, alive = _masked_full_forward(ref, prep, extra, keep=base.stage_keep)
+    logits, _flat, _alive, _ = _masked_full_forward(ref, prep, extra, keep=base.stage_keep)
     S = prep.num_prompt_tokens
     _close(out.extra_logits, logits[S:])
     # KV-cached greedy decode == full forwards over the generated tokens

@@ -22,7 +22,7 @@ import torch
 
 from hieravid_vllm.core import HieraVidConfig
 from hieravid_vllm.core.pipeline import select_layer_stage
-from hieravid_vllm.reference import HieraVidReference, qwen_mrope_positions
+from hieravid_vllm.reference import HieraVidReference, qwen_mrope_positions, reference_forward
 from hieravid_vllm.testing.models import build_tiny_model
 
 ARCHS = ["qwen2_5_vl", "qwen2_vl", "llava_onevision"]
@@ -360,3 +360,14 @@ def test_extra_tokens_hold_the_selection(arch, clips):
     full = ref.forward(prep, extra_token_ids=gen.token_ids[:-1])
     _close(gen.logits, full.logits)
     assert gen.token_ids == [int(t) for t in torch.argmax(full.logits, -1)]
+
+
+def test_one_call_form_matches_runner(clips):
+    ref = _runner("qwen2_5_vl")
+    cfg = HieraVidConfig(budget=0.3)
+    a = ref.forward([clips["short"]], QUESTION, cfg, fps=FPS, extra_token_ids=[5])
+    b = reference_forward(ref.model_dir, [clips["short"]], QUESTION, cfg.model_dump(),
+                          extra_token_ids=[5], fps=FPS)
+    assert a.prompt_token_ids == b.prompt_token_ids
+    assert all(torch.equal(x, y) for x, y in zip(a.kept_indices[0], b.kept_indices[0]))
+    _close(a.logits, b.logits, atol=0)

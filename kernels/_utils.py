@@ -33,10 +33,21 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
 
 
+if HAS_TRITON:
+    class _HelperFunction(triton.runtime.JITFunction):
+        """A ``triton.jit`` device function that an interpreted kernel can call too: Triton's
+        code generator inlines / calls it as any JITFunction (it never uses ``__call__``); under
+        the interpreter the kernel body is plain Python and ``__call__`` runs the function."""
+
+        def __call__(self, *args, **kwargs):
+            return self.fn(*args, **kwargs)
+
+
 def jit_helper(fn: Callable):
-    """``triton.jit`` for small functions called from kernels (scan / reduce combine functions):
-    the compiled kernels need a JITFunction; the interpreter calls its ``.fn``."""
-    return triton.jit(fn) if HAS_TRITON else fn
+    """``triton.jit`` for device functions called from our kernels (shared steps of the greedy
+    MAP kernels, scan / reduce combine functions), usable from compiled and interpreted
+    kernels alike (the interpreter calls ``.fn`` of a combine function)."""
+    return _HelperFunction(fn) if HAS_TRITON else fn
 
 __all__ = ["HAS_TRITON", "triton", "tl", "jit_helper", "interpreter_ready", "use_triton", "build",
            "poisoned_outputs", "empty", "next_pow2", "BACKENDS"]

@@ -1,16 +1,17 @@
 """Batched fast greedy MAP of the relevance-weighted DPP (Chen, Zhang, Zhou 2018) in Triton.
 
 Reference: :func:`hieravid_vllm.core.dpp.greedy_map_batched` (and :func:`greedy_map` for one
-explicit kernel). Same algorithm, stop rule, fallback and tie-break:
+explicit kernel). Same algorithm, stop rule, fallback and tie-break (the rule is documented
+once, in :mod:`hieravid_vllm.core.dpp`):
 
 * kernel of segment s: L~_ij = w_i w_j <h_i, h_j> * scale over its tokens 0..lengths[s]-1;
 * d_i^2 = L~_ii; tie = rel_eps * max(max_i L~_ii, 0) (rel_eps default 1e-5, the reference's
-  fp32 default); stop threshold thr = max(eps, tie);
-* step: mx = max of d^2 over the unselected tokens; stop (for good) when mx is not >= thr (NaN
-  stops too); otherwise j = the lowest index with d_j^2 >= mx - tie (round-off-proof tie-break),
-  e_i = (L~_ji - <c_j, c_i>) / sqrt(mx), c_i <- [c_i, e_i], d_i^2 -= e_i^2;
+  fp32 default: ``core.dpp.default_rel_eps``); stop threshold thr = max(eps, tie);
+* step: mx = max of d^2 over the unselected tokens; stop (for good) unless thr <= mx < inf (a
+  NaN gain stops too); otherwise j = the lowest index with d_j^2 >= mx - tie (round-off-proof
+  tie-break), e_i = (L~_ji - <c_j, c_i>) / sqrt(mx), c_i <- [c_i, e_i], d_i^2 -= e_i^2;
 * after a stop the remaining picks are the unselected tokens by fallback score descending
-  (default: L~_ii), ties by lowest index;
+  (default: L~_ii; NaN counts as -inf), ties by lowest index -- never a selected one;
 * output (S, max k) int64 within-segment positions in selection order, padded with -1.
 
 Launch layout: **one program per segment, all segments in one launch** (plus one batched Gram
@@ -45,7 +46,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._utils import build, empty, next_pow2, tl, use_triton
+from ._utils import build, empty, jit_helper, next_pow2, tl, use_triton
 
 __all__ = ["greedy_map_batched", "greedy_map", "greedy_map_batched_triton",
            "greedy_map_explicit_triton", "gram_triton"]
@@ -95,6 +96,138 @@ def _gram_kernel(H, W, G, LENGTHS, n_max, C, scale,
     tl.store(gp, acc, mask=mm[:, None] & mn[None, :])
 
 
+# ------------------------------------------------------------------------------------------
+# device functions shared by the greedy kernels (this one and dpp_coop's multi-program one)
+# ------------------------------------------------------------------------------------------
+# Invariant of the d^2 state: -inf marks a selected token and nothing else; a gain that becomes
+# NaN or -inf is stored as -FLT_MAX (never picked, still available to the fallback), and a NaN
+# gain among the candidates of a step stops the greedy (as torch.max's NaN does in the core
+# reference) -- reported to the pick as +inf, which the loop condition thr <= mx < inf rejects.
+@jit_helper
+def _pick_chunk(dv, idx, tie, best, bidx, rescan):
+    """Streaming pick over candidate chunks: running max ``best`` and the lowest index ``bidx``
+    with d^2 >= best - tie over the chunks seen so far. ``rescan`` is set when a later chunk
+    raised the max by less than the tie (an earlier chunk may hold a lower index in the band:
+    the caller rescans with :func:`_first_in_band`)."""
+    cm = tl.max(dv, axis=0)
+    ci = tl.min(tl.where(dv >= cm - tie, idx, 2147483647), axis=0)
+    higher = cm > best
+    rescan = tl.where(higher, best >= cm - tie, rescan)
+    bidx = tl.where(higher, ci, bidx)
+    best = tl.where(higher, cm, best)
+    return best, bidx, rescan
+
+
+@jit_helper
+def _first_in_band(D, lo, hi, thresh, offs, BLOCK_N: tl.constexpr, CG: tl.constexpr):
+    """Lowest index i in [lo, hi) with D[i] >= thresh (2147483647 when there is none).
+    ``CG``: load through L2 only (another program of the segment wrote D)."""
+    j = lo * 0 + 2147483647
+    r0 = lo
+    while (j == 2147483647) & (r0 < hi):
+        ridx = r0 + offs
+        if CG:
+            rv = tl.load(D + ridx, mask=ridx < hi, other=float("-inf"), cache_modifier=".cg")
+        else:
+            rv = tl.load(D + ridx, mask=ridx < hi, other=float("-inf"))
+        j = tl.min(tl.where(rv >= thresh, ridx, 2147483647), axis=0)
+        r0 += BLOCK_N
+    return j
+
+
+@jit_helper
+def _pick_range(D, lo, hi, tie, offs, BLOCK_N: tl.constexpr):
+    """Pick over the d^2 in D[lo:hi]: (max, lowest index within the tie of it)."""
+    best = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
+    bidx = lo * 0
+    rescan = best != best                  # False
+    for n0 in range(lo, hi, BLOCK_N):
+        idx = n0 + offs
+        dv = tl.load(D + idx, mask=idx < hi, other=float("-inf"))
+        best, bidx, rescan = _pick_chunk(dv, idx, tie, best, bidx, rescan)
+    if rescan:
+        bidx = _first_in_band(D, lo, hi, best - tie, offs, BLOCK_N, False)
+    return best, bidx
+
+
+@jit_helper
+def _store_gains(D, idx, m, d2, cand):
+    """Store the gains ``d2`` of a chunk at D + idx where ``m`` (``cand``: the unselected
+    tokens of the segment; the others get -inf) under the state invariant. Returns the gains
+    as the pick sees them (-inf outside ``cand``) and whether a candidate's is NaN."""
+    nan = tl.max((cand & (d2 != d2)).to(tl.int32), axis=0)
+    d2 = tl.where(d2 > float("-inf"), d2, -3.4028234663852886e38)
+    d2 = tl.where(cand, d2, float("-inf"))
+    tl.store(D + idx, d2, mask=m)
+    return d2, nan
+
+
+@jit_helper
+def _update_chunk(CB, DRD, DWR, row, idx, m, j, dj, step, n_max, soffs,
+                  BLOCK_S: tl.constexpr, CG: tl.constexpr):
+    """One greedy step on a chunk of candidates ``idx`` (``m``: inside the segment / range):
+    e_i = (L~_ji - <c_j, c_i>) / d_j written as row ``step`` of c (at CB), d_i^2 -= e_i^2 read
+    from DRD and written to DWR with j taken. ``CG``: column j of c comes from L2 (another
+    program of the segment may have written it). Returns (gains for the pick, NaN flag)."""
+    acc = tl.zeros_like(row)
+    for s0 in range(0, step, BLOCK_S):
+        sidx = s0 + soffs
+        sm = sidx < step
+        if CG:
+            cj = tl.load(CB + sidx * n_max + j, mask=sm, other=0.0, cache_modifier=".cg")
+        else:
+            cj = tl.load(CB + sidx * n_max + j, mask=sm, other=0.0)
+        ct = tl.load(CB + sidx[:, None] * n_max + idx[None, :],
+                     mask=sm[:, None] & m[None, :], other=0.0)
+        acc += tl.sum(cj[:, None] * ct, axis=0)
+    e = (row - acc) / dj
+    tl.store(CB + step * n_max + idx, e, mask=m)
+    old = tl.load(DRD + idx, mask=m, other=float("-inf"))
+    cand = m & (old > float("-inf")) & (idx != j)
+    return _store_gains(DWR, idx, m, old - e * e, cand)
+
+
+@jit_helper
+def _fallback_next(D, FBP, n, offs, BLOCK_N: tl.constexpr, CG: tl.constexpr):
+    """Next fallback pick: among the unselected tokens (D != -inf) the highest fallback score,
+    NaN counting as -inf, ties lowest index. There is always one (fewer than n are taken)."""
+    fbest = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
+    fidx = n * 0 + 2147483647
+    for n0 in range(0, n, BLOCK_N):
+        idx = n0 + offs
+        m = idx < n
+        if CG:
+            d2 = tl.load(D + idx, mask=m, other=float("-inf"), cache_modifier=".cg")
+            sc = tl.load(FBP + idx, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+        else:
+            d2 = tl.load(D + idx, mask=m, other=float("-inf"))
+            sc = tl.load(FBP + idx, mask=m, other=0.0).to(tl.float32)
+        avail = m & (d2 != float("-inf"))
+        sv = tl.where(avail & (sc == sc), sc, float("-inf"))
+        cm = tl.max(sv, axis=0)
+        ci = tl.min(tl.where(avail & (sv == cm), idx, 2147483647), axis=0)
+        upd = (ci < 2147483647) & ((cm > fbest) | (fidx == 2147483647))
+        fidx = tl.where(upd, ci, fidx)
+        fbest = tl.where(upd, cm, fbest)
+    return fidx
+
+
+@jit_helper
+def _fill_rest(SELP, D, FBP, n, step, k, k_max, offs, soffs,
+               BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, CG: tl.constexpr):
+    """After the greedy stopped at ``step``: picks step..k-1 in fallback order, then -1 up to
+    k_max (SELP: the segment's output row)."""
+    while step < k:
+        fidx = _fallback_next(D, FBP, n, offs, BLOCK_N, CG)
+        tl.store(SELP + step, fidx.to(tl.int64))
+        tl.store(D + fidx, float("-inf"), mask=fidx < n)
+        tl.debug_barrier()
+        step += 1
+    for s0 in range(k, k_max, BLOCK_S):
+        sidx = s0 + soffs
+        tl.store(SELP + sidx, tl.full([BLOCK_S], -1, tl.int64), mask=sidx < k_max)
+
+
 def _greedy_kernel(G, H, W, FB, LENGTHS, KS, SEL, CBUF, D2, FBBUF,
                    n_max, k_max, C, scale, eps, rel_eps,
                    s_hs, s_hn, s_ws, s_fs,
@@ -119,6 +252,7 @@ def _greedy_kernel(G, H, W, FB, LENGTHS, KS, SEL, CBUF, D2, FBBUF,
 
     # ---- init: d^2 = diag, tie tolerance and stop threshold, first pick -------------------
     dmax = tl.max(tl.zeros([BLOCK_N], tl.float32), axis=0)      # max(diag) clamped at 0
+    nan = n * 0
     for n0 in range(0, n, BLOCK_N):
         idx = n0 + offs
         m = idx < n
@@ -137,47 +271,28 @@ def _greedy_kernel(G, H, W, FB, LENGTHS, KS, SEL, CBUF, D2, FBBUF,
                 diag = diag * wv * wv
         if not HAS_FB:
             tl.store(fbase + idx, diag, mask=m)
-        tl.store(dbase + idx, diag, mask=m)
-        dmax = tl.maximum(dmax, tl.max(tl.where(m, diag, 0.0), axis=0))
+        dv, nan_c = _store_gains(dbase, idx, m, diag, m)
+        nan = nan | nan_c
+        dmax = tl.maximum(dmax, tl.max(dv, axis=0))
     tie = dmax * rel_eps                   # picks within `tie` of the max count as ties
     thr = tl.maximum(tie, eps)             # stop once max d^2 < thr
     # first pick: the lowest index with d^2 >= max - tie (same streaming rule as every step)
-    best = tl.max(tl.full([BLOCK_N], neg_inf, tl.float32), axis=0)
-    bidx = tl.min(tl.zeros([BLOCK_N], tl.int32), axis=0)
-    rescan = best != best                  # False
-    for n0 in range(0, n, BLOCK_N):
-        idx = n0 + offs
-        m = idx < n
-        dv = tl.load(dbase + idx, mask=m, other=neg_inf)
-        cm = tl.max(dv, axis=0)
-        ci = tl.min(tl.where(dv >= cm - tie, idx, 2147483647), axis=0)
-        higher = cm > best
-        amb = best >= cm - tie             # an earlier chunk may hold a token within the tie
-        rescan = tl.where(higher, amb, rescan)
-        bidx = tl.where(higher, ci, bidx)
-        best = tl.where(higher, cm, best)
-    if rescan:
-        bidx = bidx * 0 + 2147483647
-        r0 = bidx * 0
-        while (bidx == 2147483647) & (r0 < n):
-            ridx = r0 + offs
-            rv = tl.load(dbase + ridx, mask=ridx < n, other=neg_inf)
-            bidx = tl.min(tl.where(rv >= best - tie, ridx, 2147483647), axis=0)
-            r0 += BLOCK_N
+    best, bidx = _pick_range(dbase, n * 0, n, tie, offs, BLOCK_N)
     tl.debug_barrier()
 
     # ---- greedy steps ----------------------------------------------------------------------
-    step = 0
-    mx = best
+    step = n * 0
+    mx = tl.where(nan != 0, float("inf"), best)
     j = bidx
-    while (step < k) & (mx >= thr):
+    while (step < k) & (mx >= thr) & (mx < float("inf")):
         tl.store(SEL + seg * k_max + step, j.to(tl.int64))
         dj = tl.sqrt(mx)
         if HAS_W:
             wj = tl.load(W + seg * s_ws + j)
         best = tl.max(tl.full([BLOCK_N], neg_inf, tl.float32), axis=0)
-        bidx = tl.min(tl.zeros([BLOCK_N], tl.int32), axis=0)
+        bidx = n * 0
         rescan = best != best
+        nan = n * 0
         for n0 in range(0, n, BLOCK_N):
             idx = n0 + offs
             m = idx < n
@@ -197,69 +312,20 @@ def _greedy_kernel(G, H, W, FB, LENGTHS, KS, SEL, CBUF, D2, FBBUF,
                 if HAS_W:
                     wv = tl.load(W + seg * s_ws + idx, mask=m, other=0.0)
                     row = row * wv * wj
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for s0 in range(0, step, BLOCK_S):
-                sidx = s0 + soffs
-                sm = sidx < step
-                cj = tl.load(cbase + sidx * n_max + j, mask=sm, other=0.0)
-                ct = tl.load(cbase + sidx[:, None] * n_max + idx[None, :],
-                             mask=sm[:, None] & m[None, :], other=0.0)
-                acc += tl.sum(cj[:, None] * ct, axis=0)
-            e = (row - acc) / dj
-            tl.store(cbase + step * n_max + idx, e, mask=m)
-            d2 = tl.load(dbase + idx, mask=m, other=neg_inf)
-            d2 = d2 - e * e
-            d2 = tl.where(idx == j, neg_inf, d2)       # selected: out of the candidates
-            tl.store(dbase + idx, d2, mask=m)
-            # streaming pick: lowest index with d^2 >= max - tie over the chunks seen so far;
-            # when a later chunk raises the max by less than the tie, rescan from chunk 0
-            dv = tl.where(m, d2, neg_inf)
-            cm = tl.max(dv, axis=0)
-            ci = tl.min(tl.where(dv >= cm - tie, idx, 2147483647), axis=0)
-            higher = cm > best
-            amb = best >= cm - tie
-            rescan = tl.where(higher, amb, rescan)
-            bidx = tl.where(higher, ci, bidx)
-            best = tl.where(higher, cm, best)
+            dv, nan_c = _update_chunk(cbase, dbase, dbase, row, idx, m, j, dj, step, n_max,
+                                      soffs, BLOCK_S, False)
+            nan = nan | nan_c
+            best, bidx, rescan = _pick_chunk(dv, idx, tie, best, bidx, rescan)
         tl.debug_barrier()
         if rescan:
-            bidx = bidx * 0 + 2147483647
-            r0 = bidx * 0
-            while (bidx == 2147483647) & (r0 < n):
-                ridx = r0 + offs
-                rv = tl.load(dbase + ridx, mask=ridx < n, other=neg_inf)
-                bidx = tl.min(tl.where(rv >= best - tie, ridx, 2147483647), axis=0)
-                r0 += BLOCK_N
-        mx = best
+            bidx = _first_in_band(dbase, n * 0, n, best - tie, offs, BLOCK_N, False)
+        mx = tl.where(nan != 0, float("inf"), best)
         j = bidx
         step += 1
 
-    # ---- fallback: unselected tokens by score descending, ties lowest index ----------------
-    while step < k:
-        fbest = tl.max(tl.full([BLOCK_N], neg_inf, tl.float32), axis=0)
-        fidx = tl.min(tl.full([BLOCK_N], 2147483647, tl.int32), axis=0)
-        for n0 in range(0, n, BLOCK_N):
-            idx = n0 + offs
-            m = idx < n
-            d2 = tl.load(dbase + idx, mask=m, other=neg_inf)
-            avail = m & (d2 != neg_inf)
-            sc = tl.load(fbase + idx, mask=m, other=0.0).to(tl.float32)
-            sv = tl.where(avail, sc, neg_inf)
-            cm = tl.max(sv, axis=0)
-            ci = tl.min(tl.where(avail & (sv == cm), idx, 2147483647), axis=0)
-            has = ci < 2147483647
-            upd = has & ((cm > fbest) | (fidx == 2147483647))
-            fidx = tl.where(upd, ci, fidx)
-            fbest = tl.where(upd, cm, fbest)
-        tl.store(SEL + seg * k_max + step, fidx.to(tl.int64))
-        tl.store(dbase + fidx, neg_inf, mask=fidx < n)      # (NaN scores: no pick)
-        tl.debug_barrier()
-        step += 1
-
-    # ---- padding ---------------------------------------------------------------------------
-    for s0 in range(k, k_max, BLOCK_S):
-        sidx = s0 + soffs
-        tl.store(SEL + seg * k_max + sidx, tl.full([BLOCK_S], -1, tl.int64), mask=sidx < k_max)
+    # ---- fallback (unselected tokens by score descending, ties lowest index), padding -------
+    _fill_rest(SEL + seg * k_max, dbase, fbase, n, step, k, k_max, offs, soffs,
+               BLOCK_N, BLOCK_S, False)
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,8 +394,9 @@ def _launch_greedy(G, H, W, FB, lengths, ks, k_max, n_max, C, scale, eps, rel_ep
 
 
 def _rel_eps(rel_eps: Optional[float]) -> float:
-    """Default of the core reference for an fp32 state."""
-    return 1e-5 if rel_eps is None else float(rel_eps)
+    """The core reference's default for an fp32 state (the kernels' state is fp32)."""
+    from hieravid_vllm.core.dpp import default_rel_eps
+    return default_rel_eps(torch.float32) if rel_eps is None else float(rel_eps)
 
 
 def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor,
@@ -436,12 +503,8 @@ def greedy_map(L: torch.Tensor, k: int, eps: float = 1e-10, rel_eps: Optional[fl
     """Greedy MAP on one explicit PSD kernel ``L`` (n, n) -> (k,) indices in selection order
     (same contract as :func:`hieravid_vllm.core.dpp.greedy_map`)."""
     if L.dtype != torch.float64 and use_triton(backend, L):
-        if L.dim() != 2 or L.shape[0] != L.shape[1]:
-            raise ValueError(f"L must be square (n, n), got {tuple(L.shape)}")
-        n = L.shape[0]
-        k = int(k)
-        if not 0 <= k <= n:
-            raise ValueError(f"k must be in [0, {n}], got {k}")
+        from hieravid_vllm.core.dpp import check_greedy_args
+        n, k = check_greedy_args(L, k)
         dev = L.device
         fb = None if fallback_scores is None else fallback_scores.reshape(1, n)
         sel = greedy_map_explicit_triton(

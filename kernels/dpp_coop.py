@@ -10,7 +10,10 @@ lets every program derive the same global pick from the P published values. P pr
 P SMs' bandwidth and L1 (a program's share of c often stays in L1).
 
 Same arithmetic, stop rule, tie-break (lowest index within ``tie`` of the max) and fallback as
-the single-program kernel, so the result is identical; only the Gram path is supported.
+the single-program kernel -- the same device functions of :mod:`hieravid_kernels.dpp` (chunk
+update, streaming pick, band rescan, fallback) -- so the result is identical; only the Gram path
+is supported. What is its own: the range split, the per-step exchange (:func:`_sync`, a
+barrier) and the cross-program pick (:func:`_global_pick`).
 
 Safety: every program of a segment must be resident at once (the host keeps S * P <= number
 of SMs). The spin is bounded (``max_spins`` polls): a program that times out raises a flag,
@@ -28,9 +31,52 @@ from typing import Optional, Union
 
 import torch
 
-from ._utils import build, empty, next_pow2, tl
+from ._utils import build, empty, jit_helper, next_pow2, tl
+from .dpp import _fill_rest, _first_in_band, _pick_chunk, _pick_range, _store_gains, _update_chunk
 
 __all__ = ["launch_coop"]
+
+
+@jit_helper
+def _sync(SVP, SIP, BAR, ERR, target, max_spins, err, value, index):
+    """Publish (value, index) in this program's slots SVP / SIP, then the segment's barrier:
+    arrive (release) and spin (acquire) until ``target`` arrivals or the error flag; after
+    ``max_spins`` polls raise the flag (every program then leaves its loop and the host reruns
+    the single-program kernel). Returns err | flag."""
+    tl.store(SVP, value)
+    tl.store(SIP, index)
+    tl.debug_barrier()
+    tl.atomic_add(BAR, 1, sem="release")
+    cnt = tl.atomic_add(BAR, 0, sem="acquire")
+    errv = tl.load(ERR, volatile=True)
+    spins = err * 0
+    while (cnt < target) & (errv == 0) & (spins < max_spins):
+        cnt = tl.atomic_add(BAR, 0, sem="acquire")
+        errv = tl.load(ERR, volatile=True)
+        spins += 1
+    if (cnt < target) & (errv == 0):
+        tl.atomic_xchg(ERR, 1)
+        errv = errv + 1
+    tl.debug_barrier()
+    return err | errv
+
+
+@jit_helper
+def _global_pick(SVS, SIS, D, P, SPAN, n, tie, poffs, pmask, offs, BLOCK_N: tl.constexpr):
+    """The segment's pick from the P published local picks (slot set SVS / SIS): the global
+    max, and the local pick of the first program whose max is within the tie of it; when that
+    max is not the global one (a near-tie across programs), the lowest index of that program's
+    range within the tie of the global max (read from D). Returns (max, index)."""
+    vals = tl.load(SVS + poffs, mask=pmask, other=float("-inf"), cache_modifier=".cg")
+    mx = tl.max(vals, axis=0)
+    pstar = tl.min(tl.where(pmask & (vals >= mx - tie), poffs, 2147483647), axis=0)
+    pstar = tl.minimum(pstar, P - 1)
+    vstar = tl.max(tl.where(poffs == pstar, vals, float("-inf")), axis=0)
+    j = tl.load(SIS + pstar, cache_modifier=".cg")
+    if vstar != mx:
+        lo = pstar * SPAN
+        j = _first_in_band(D, lo, tl.minimum(n, lo + SPAN), mx - tie, offs, BLOCK_N, True)
+    return mx, j
 
 
 def _greedy_coop_kernel(G, FB, LENGTHS, KS, SEL, CBUF, D2, SLOTV, SLOTI, BAR, ERR,
@@ -53,213 +99,69 @@ def _greedy_coop_kernel(G, FB, LENGTHS, KS, SEL, CBUF, D2, SLOTV, SLOTI, BAR, ER
     dbase = D2 + seg * 2 * n_max
     gbase = G + seg * n_max * n_max
     fbase = FB + seg * n_max               # fallback scores (the host passes diag(G) by default)
-    sv = SLOTV + seg * 2 * P
+    sv = SLOTV + seg * 2 * P               # published values / indices, two slot sets (parity)
     si = SLOTI + seg * 2 * P
     bar = BAR + seg
-    neg_inf = float("-inf")
     zero_i = p * 0
-    rnd = zero_i
     err = zero_i
 
     # ---- init: own diagonal, global max(diag) through the slots --------------------------
     dmax_l = tl.max(tl.zeros([BLOCK_N], tl.float32), axis=0)
+    nan = zero_i
     for n0 in range(lo, hi, BLOCK_N):
         idx = n0 + offs
         m = idx < hi
         diag = tl.load(gbase + idx.to(tl.int64) * (n_max + 1), mask=m, other=0.0)
-        tl.store(dbase + idx, diag, mask=m)
-        dmax_l = tl.maximum(dmax_l, tl.max(tl.where(m, diag, 0.0), axis=0))
-    par = rnd % 2
-    tl.store(sv + par * P + p, dmax_l)
-    rnd += 1
-    # -- barrier (same code at the three places) --
-    tl.debug_barrier()
-    tl.atomic_add(bar, 1, sem="release")
-    cnt = tl.atomic_add(bar, 0, sem="acquire")
-    errv = tl.load(ERR, volatile=True)
-    spins = zero_i
-    while (cnt < rnd * P) & (errv == 0) & (spins < max_spins):
-        cnt = tl.atomic_add(bar, 0, sem="acquire")
-        errv = tl.load(ERR, volatile=True)
-        spins += 1
-    if (cnt < rnd * P) & (errv == 0):
-        tl.atomic_xchg(ERR, 1)
-        errv = errv + 1
-    err = err | errv
-    tl.debug_barrier()
-    # --
-    dv_all = tl.load(sv + par * P + poffs, mask=pmask, other=0.0, cache_modifier=".cg")
+        dv, nan_c = _store_gains(dbase, idx, m, diag, m)
+        nan = nan | nan_c
+        dmax_l = tl.maximum(dmax_l, tl.max(dv, axis=0))
+    err = _sync(sv + p, si + p, bar, ERR, P, max_spins, err, dmax_l, zero_i)
+    dv_all = tl.load(sv + poffs, mask=pmask, other=0.0, cache_modifier=".cg")
     dmax = tl.max(dv_all, axis=0)
     tie = dmax * rel_eps
     thr = tl.maximum(tie, eps)
 
-    # ---- first pick ----------------------------------------------------------------------
-    best = tl.max(tl.full([BLOCK_N], neg_inf, tl.float32), axis=0)
-    bidx = zero_i
-    rescan = best != best
-    for n0 in range(lo, hi, BLOCK_N):
-        idx = n0 + offs
-        dv = tl.load(dbase + idx, mask=idx < hi, other=neg_inf)
-        cm = tl.max(dv, axis=0)
-        ci = tl.min(tl.where(dv >= cm - tie, idx, 2147483647), axis=0)
-        higher = cm > best
-        amb = best >= cm - tie
-        rescan = tl.where(higher, amb, rescan)
-        bidx = tl.where(higher, ci, bidx)
-        best = tl.where(higher, cm, best)
-    if rescan:
-        bidx = zero_i + 2147483647
-        r0 = lo
-        while (bidx == 2147483647) & (r0 < hi):
-            ridx = r0 + offs
-            rv = tl.load(dbase + ridx, mask=ridx < hi, other=neg_inf)
-            bidx = tl.min(tl.where(rv >= best - tie, ridx, 2147483647), axis=0)
-            r0 += BLOCK_N
-    par = rnd % 2
-    tl.store(sv + par * P + p, best)
-    tl.store(si + par * P + p, bidx)
-    rnd += 1
-    # -- barrier --
-    tl.debug_barrier()
-    tl.atomic_add(bar, 1, sem="release")
-    cnt = tl.atomic_add(bar, 0, sem="acquire")
-    errv = tl.load(ERR, volatile=True)
-    spins = zero_i
-    while (cnt < rnd * P) & (errv == 0) & (spins < max_spins):
-        cnt = tl.atomic_add(bar, 0, sem="acquire")
-        errv = tl.load(ERR, volatile=True)
-        spins += 1
-    if (cnt < rnd * P) & (errv == 0):
-        tl.atomic_xchg(ERR, 1)
-        errv = errv + 1
-    err = err | errv
-    tl.debug_barrier()
-    # -- global pick: first program whose max is within the tie of the global max --
-    vals = tl.load(sv + par * P + poffs, mask=pmask, other=neg_inf, cache_modifier=".cg")
-    mx = tl.max(vals, axis=0)
-    pstar = tl.min(tl.where(pmask & (vals >= mx - tie), poffs, 2147483647), axis=0)
-    pstar = tl.minimum(pstar, P - 1)
-    vstar = tl.max(tl.where(poffs == pstar, vals, neg_inf), axis=0)
-    j = tl.load(si + par * P + pstar, cache_modifier=".cg")
-    if vstar != mx:      # near-tie across programs: lowest index of pstar's range within the tie
-        j = zero_i + 2147483647
-        r0 = pstar * SPAN
-        rhi = tl.minimum(n, r0 + SPAN)
-        while (j == 2147483647) & (r0 < rhi):
-            ridx = r0 + offs
-            rv = tl.load(dbase + ridx, mask=ridx < rhi, other=neg_inf, cache_modifier=".cg")
-            j = tl.min(tl.where(rv >= mx - tie, ridx, 2147483647), axis=0)
-            r0 += BLOCK_N
+    # ---- first pick: local, published, global ----------------------------------------------
+    best, bidx = _pick_range(dbase, lo, hi, tie, offs, BLOCK_N)
+    best = tl.where(nan != 0, float("inf"), best)
+    err = _sync(sv + P + p, si + P + p, bar, ERR, 2 * P, max_spins, err, best, bidx)
+    mx, j = _global_pick(sv + P, si + P, dbase, P, SPAN, n, tie, poffs, pmask, offs, BLOCK_N)
 
-    # ---- greedy steps ----------------------------------------------------------------------
+    # ---- greedy steps (barrier round 2 + step, slot set step % 2) -------------------------
     step = zero_i
-    while (step < k) & (mx >= thr) & (err == 0):
+    while (step < k) & (mx >= thr) & (mx < float("inf")) & (err == 0):
         tl.store(SEL + seg * k_max + step, j.to(tl.int64), mask=p == 0)
         dj = tl.sqrt(mx)
         drd = dbase + (step % 2) * n_max
         dwr = dbase + ((step + 1) % 2) * n_max
-        best = tl.max(tl.full([BLOCK_N], neg_inf, tl.float32), axis=0)
+        best = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
         bidx = zero_i
         rescan = best != best
+        nan = zero_i
         for n0 in range(lo, hi, BLOCK_N):
             idx = n0 + offs
             m = idx < hi
             row = tl.load(gbase + j.to(tl.int64) * n_max + idx, mask=m, other=0.0)
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for s0 in range(0, step, BLOCK_S):
-                sidx = s0 + soffs
-                sm = sidx < step
-                # column j of c: written by j's owner in earlier steps (bypass L1)
-                cj = tl.load(cbase + sidx * n_max + j, mask=sm, other=0.0, cache_modifier=".cg")
-                ct = tl.load(cbase + sidx[:, None] * n_max + idx[None, :],
-                             mask=sm[:, None] & m[None, :], other=0.0)
-                acc += tl.sum(cj[:, None] * ct, axis=0)
-            e = (row - acc) / dj
-            tl.store(cbase + step * n_max + idx, e, mask=m)
-            d2 = tl.load(drd + idx, mask=m, other=neg_inf)
-            d2 = d2 - e * e
-            d2 = tl.where(idx == j, neg_inf, d2)
-            tl.store(dwr + idx, d2, mask=m)
-            dv = tl.where(m, d2, neg_inf)
-            cm = tl.max(dv, axis=0)
-            ci = tl.min(tl.where(dv >= cm - tie, idx, 2147483647), axis=0)
-            higher = cm > best
-            amb = best >= cm - tie
-            rescan = tl.where(higher, amb, rescan)
-            bidx = tl.where(higher, ci, bidx)
-            best = tl.where(higher, cm, best)
+            # column j of c: written by j's owner in earlier steps (through L2)
+            dv, nan_c = _update_chunk(cbase, drd, dwr, row, idx, m, j, dj, step, n_max, soffs,
+                                      BLOCK_S, True)
+            nan = nan | nan_c
+            best, bidx, rescan = _pick_chunk(dv, idx, tie, best, bidx, rescan)
         tl.debug_barrier()
         if rescan:
-            bidx = zero_i + 2147483647
-            r0 = lo
-            while (bidx == 2147483647) & (r0 < hi):
-                ridx = r0 + offs
-                rv = tl.load(dwr + ridx, mask=ridx < hi, other=neg_inf)
-                bidx = tl.min(tl.where(rv >= best - tie, ridx, 2147483647), axis=0)
-                r0 += BLOCK_N
-        par = rnd % 2
-        tl.store(sv + par * P + p, best)
-        tl.store(si + par * P + p, bidx)
-        rnd += 1
-        # -- barrier --
-        tl.debug_barrier()
-        tl.atomic_add(bar, 1, sem="release")
-        cnt = tl.atomic_add(bar, 0, sem="acquire")
-        errv = tl.load(ERR, volatile=True)
-        spins = zero_i
-        while (cnt < rnd * P) & (errv == 0) & (spins < max_spins):
-            cnt = tl.atomic_add(bar, 0, sem="acquire")
-            errv = tl.load(ERR, volatile=True)
-            spins += 1
-        if (cnt < rnd * P) & (errv == 0):
-            tl.atomic_xchg(ERR, 1)
-            errv = errv + 1
-        err = err | errv
-        tl.debug_barrier()
-        # -- global pick --
-        vals = tl.load(sv + par * P + poffs, mask=pmask, other=neg_inf, cache_modifier=".cg")
-        mx = tl.max(vals, axis=0)
-        pstar = tl.min(tl.where(pmask & (vals >= mx - tie), poffs, 2147483647), axis=0)
-        pstar = tl.minimum(pstar, P - 1)
-        vstar = tl.max(tl.where(poffs == pstar, vals, neg_inf), axis=0)
-        j = tl.load(si + par * P + pstar, cache_modifier=".cg")
-        if vstar != mx:
-            j = zero_i + 2147483647
-            r0 = pstar * SPAN
-            rhi = tl.minimum(n, r0 + SPAN)
-            while (j == 2147483647) & (r0 < rhi):
-                ridx = r0 + offs
-                rv = tl.load(dwr + ridx, mask=ridx < rhi, other=neg_inf, cache_modifier=".cg")
-                j = tl.min(tl.where(rv >= mx - tie, ridx, 2147483647), axis=0)
-                r0 += BLOCK_N
+            bidx = _first_in_band(dwr, lo, hi, best - tie, offs, BLOCK_N, False)
+        best = tl.where(nan != 0, float("inf"), best)
+        par = step % 2
+        err = _sync(sv + par * P + p, si + par * P + p, bar, ERR, (step + 3) * P, max_spins,
+                    err, best, bidx)
+        mx, j = _global_pick(sv + par * P, si + par * P, dwr, P, SPAN, n, tie, poffs, pmask,
+                             offs, BLOCK_N)
         step += 1
 
-    # ---- fallback and padding: program 0 of the segment --------------------------------------
+    # ---- fallback and padding: program 0 of the segment, on the last d^2 written -----------
     if p == 0:
-        dfin = dbase + (step % 2) * n_max          # the last d^2 written
-        while step < k:
-            fbest = tl.max(tl.full([BLOCK_N], neg_inf, tl.float32), axis=0)
-            fidx = zero_i + 2147483647
-            for n0 in range(0, n, BLOCK_N):
-                idx = n0 + offs
-                m = idx < n
-                d2 = tl.load(dfin + idx, mask=m, other=neg_inf, cache_modifier=".cg")
-                avail = m & (d2 != neg_inf)
-                sc = tl.load(fbase + idx, mask=m, other=0.0, cache_modifier=".cg")
-                sv_ = tl.where(avail, sc, neg_inf)
-                cm = tl.max(sv_, axis=0)
-                ci = tl.min(tl.where(avail & (sv_ == cm), idx, 2147483647), axis=0)
-                upd = (ci < 2147483647) & ((cm > fbest) | (fidx == 2147483647))
-                fidx = tl.where(upd, ci, fidx)
-                fbest = tl.where(upd, cm, fbest)
-            tl.store(SEL + seg * k_max + step, fidx.to(tl.int64))
-            tl.store(dfin + fidx, neg_inf, mask=fidx < n)
-            tl.debug_barrier()
-            step += 1
-        for s0 in range(k, k_max, BLOCK_S):
-            sidx = s0 + soffs
-            tl.store(SEL + seg * k_max + sidx, tl.full([BLOCK_S], -1, tl.int64),
-                     mask=sidx < k_max)
+        _fill_rest(SEL + seg * k_max, dbase + (step % 2) * n_max, fbase, n, step, k, k_max,
+                   offs, soffs, BLOCK_N, BLOCK_S, True)
 
 
 def launch_coop(G: torch.Tensor, FB: Optional[torch.Tensor], lengths: torch.Tensor,

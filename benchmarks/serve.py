@@ -83,6 +83,8 @@ QUESTION = ("Watch the whole clip and describe every scene: the background, the 
 #: what the plugin logs when it serves ``full`` as another mode (the layer-level stages not
 #: available in this version, or not for this engine setup): "HieraVid: ... using mode=input_only"
 FALLBACK_RE = re.compile(r"HieraVid: [^\n]*?using mode=(\w+)")
+#: full mode's in-LLM stages run through the plugin's scheduler (hieravid_vllm.scheduler)
+FULL_MODE_RE = re.compile(r"custom scheduler class [\w.]*HieraVidScheduler")
 KV_METRIC = "vllm:kv_cache_usage_perc"
 POLLED_METRICS = (KV_METRIC, "vllm:num_requests_running", "vllm:num_requests_waiting")
 PEER_METHODS = ("evs", "vidcom2")
@@ -536,7 +538,8 @@ def mode_from_log(log_text: str, requested: str | None) -> tuple[str | None, str
     m = FALLBACK_RE.search(log_text)
     if m:
         return m.group(1), m.group(0)
-    return requested, ""
+    m = FULL_MODE_RE.search(log_text) if requested == "full" else None
+    return requested, (m.group(0) if m else "")
 
 
 def run_config(cfg: BenchConfig, args, videos_by_level: dict[int, list[VideoItem]],
@@ -721,7 +724,9 @@ def markdown_table(report: dict) -> str:
 def markdown_report(report: dict) -> str:
     m = report["meta"]
     out = [f"Model: `{m['model_label']}` ({m['architecture']}); {m['machine']}; vLLM "
-           f"{m['vllm_version']}; {m['date']}; total {m['total_s'] / 60:.1f} min.",
+           f"{m['vllm_version']}; {m['date']}; git {m.get('git', '?')}; total "
+           f"{m['total_s'] / 60:.1f} min; load average at start / end: "
+           f"{m['load_at_start'].split()[0]} / {m['load_at_end'].split()[0]}.",
            "",
            f"Videos: {m['videos_note']}. Requests per level: "
            + ", ".join(f"concurrency {c}: {n}" for c, n in m["requests_per_level"].items())
@@ -1061,6 +1066,7 @@ def _main(args, argv, server_factory) -> dict:
                             "(no encoder/prefix cache reuse; prefix caching off), sent as "
                             "base64 data URLs"),
             "load_at_start": _load(),
+            "git": _git_state(),
             "notes": list(args.note),
         },
         "configs": [],
@@ -1106,6 +1112,19 @@ def _main(args, argv, server_factory) -> dict:
     print(md)
     print(f"wrote {out_dir / 'serve.json'}, {out_dir / 'serve.md'}, {out_dir / 'serve.png'}")
     return report
+
+
+def _git_state() -> str:
+    """HEAD and whether the plugin's files differ from it (servers run the working tree)."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
+                                "hieravid_vllm", "kernels"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return head + (" + uncommitted plugin changes" if dirty else "")
 
 
 def _sigterm(signum, frame):

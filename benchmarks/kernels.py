@@ -496,6 +496,26 @@ def check_suite(dev, gen) -> int:
             got = hk.greedy_map(L, k, backend="triton")
         report(f"greedy_map explicit n=23 rank 6 k={k}",
                torch.equal(got, core_dpp.greedy_map(L, k)))
+    # non-finite gains and fallback scores (the GPU's NaN semantics of max / min differ from
+    # the interpreter's numpy: the kernels must not depend on them)
+    v = torch.rand(40, generator=gen) + 0.5
+    base = torch.outer(v, v) + torch.eye(40) * 0.05
+    fb_mixed = torch.rand(40, generator=gen)
+    fb_mixed[::3] = float("nan")
+    fb_mixed[1::5] = float("-inf")
+    fb_mixed[7] = float("inf")
+    for case, (i, j, val) in {"nan diag": (2, 2, "nan"), "-inf diag": (4, 4, "-inf"),
+                              "+inf diag": (5, 5, "inf"), "nan row": (0, 1, "nan")}.items():
+        L = base.clone()
+        L[i, j] = L[j, i] = float(val)
+        L = L.to(dev)
+        for fb in (None, fb_mixed.to(dev)):
+            for k in (3, 40):
+                with hk.poisoned_outputs():
+                    got = hk.greedy_map(L, k, fallback_scores=fb, backend="triton")
+                want = core_dpp.greedy_map(L, k, fallback_scores=fb)
+                report(f"greedy_map {case} fallback={'mixed' if fb is not None else 'diag'} "
+                       f"k={k}", torch.equal(got, want) and got.unique().numel() == k)
     print(f"{fails} failure(s)")
     return fails
 

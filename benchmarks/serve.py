@@ -567,7 +567,8 @@ def run_config(cfg: BenchConfig, args, videos_by_level: dict[int, list[VideoItem
     try:
         progress.set_description(f"{cfg.name}: starting server")
         t0 = time.perf_counter()
-        server.start()
+        entry["start_attempts"] = _start_with_retries(server, args.start_retries, cfg.name,
+                                                      progress, log_path)
         entry["startup_s"] = time.perf_counter() - t0
         entry["kv_cache_tokens"] = kv_cache_capacity(_scrape(server.url))
         progress.set_description(f"{cfg.name}: warm-up")
@@ -600,8 +601,9 @@ def run_config(cfg: BenchConfig, args, videos_by_level: dict[int, list[VideoItem
         raise
     except Exception as e:  # noqa: BLE001 - reported in the table, the next config runs
         entry["status"] = "error"
-        entry["error"] = f"{type(e).__name__}: {e}"[-3000:]
-        progress.write(f"[{cfg.name}] FAILED: {type(e).__name__}: {str(e)[:400]}")
+        entry["error"] = f"{type(e).__name__}: {root_cause(str(e), log_path)}"
+        entry["error_detail"] = str(e)[-3000:]
+        progress.write(f"[{cfg.name}] FAILED: {entry['error']}")
         done = sum(len(v) for v in entry["requests"].values())
         progress.update(max(0, n_level_requests - done))
     finally:
@@ -613,6 +615,47 @@ def run_config(cfg: BenchConfig, args, videos_by_level: dict[int, list[VideoItem
         entry["mode_ran"], entry["mode_evidence"] = mode_from_log(log_text, cfg.mode)
         entry["load_at_end"] = _load()
     return entry
+
+
+_ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception)): (.+)$")
+_GENERIC = ("initialization failed", "See root cause", "See stack trace", "Connection error")
+
+
+def root_cause(message: str, log_path: Path | None = None) -> str:
+    """The first specific ``SomethingError: ...`` line of the server log (vLLM buries the
+    cause of a failed start under generic 'initialization failed' errors), else the
+    message's first line."""
+    texts = []
+    if log_path is not None:
+        try:
+            texts.append(Path(log_path).read_text(errors="replace"))
+        except OSError:
+            pass
+    texts.append(message)
+    for text in texts:
+        for line in text.splitlines():
+            m = _ERROR_LINE.search(line)
+            if m and not any(g in m.group(2) for g in _GENERIC) and \
+                    "ulimit" not in line and "WARNING" not in line:
+                return f"{m.group(1)}: {m.group(2)}"[:400]
+    return (message.strip().splitlines() or [""])[0][:400]
+
+
+def _start_with_retries(server, retries: int, name: str, progress: Progress,
+                        log_path: Path, wait: float = 30.0) -> int:
+    """Start the server; a failed start (e.g. not enough free memory for the KV cache while
+    other processes run) is retried ``retries`` times after ``wait`` seconds."""
+    for attempt in range(1, retries + 2):
+        try:
+            server.start()
+            return attempt
+        except Exception as e:  # noqa: BLE001
+            if attempt > retries:
+                raise
+            progress.write(f"[{name}] server start failed ({root_cause(str(e), log_path)}); "
+                           f"retrying in {wait:g} s")
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def _scrape(url: str) -> str:
@@ -704,7 +747,7 @@ def markdown_table(report: dict) -> str:
             continue
         if not c["levels"]:
             lines.append(f"| {_label(c)} | {c['retention']:g} | - | " + " | ".join(
-                ["-"] * 13) + f" | {c.get('status')}: {c.get('error', '')[:60]} |")
+                ["-"] * 13) + f" | {c.get('status')}: {c.get('error', '')[:80].replace('|', '/')} |")
             continue
         for level, s in c["levels"].items():
             r = s.get("ratios", {})
@@ -923,8 +966,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="vLLM --max-num-seqs (default: vLLM's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="default: 0.2 on CPU (share of host memory for the KV cache), 0.85 "
-                        "on GPU")
+                   help="default: 0.1 on CPU (share of host memory reserved for the KV cache; "
+                        "vLLM checks it against free memory), 0.85 on GPU")
+    p.add_argument("--start-retries", type=int, default=2,
+                   help="retries of a failed server start (30 s apart)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra vLLM flag for every server (repeat; e.g. --server-arg=--foo)")
     p.add_argument("--no-cpu-pruning-fix", action="store_true",
@@ -1031,10 +1076,13 @@ def _main(args, argv, server_factory) -> dict:
                           log_path=log_path, video_fps=args.fps,
                           max_model_len=args.max_model_len,
                           max_num_batched_tokens=args.max_num_batched_tokens,
-                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          gpu_memory_utilization=gpu_mem,
                           startup_timeout=args.startup_timeout,
                           served_model_name="bench-model")
 
+    gpu_mem = args.gpu_memory_utilization
+    if gpu_mem is None and not _cuda():
+        gpu_mem = 0.1
     factory = server_factory or default_factory
     sample_server = factory(BenchConfig("probe", "unpruned", 1.0), {}, log_dir / "probe.log")
     server_args, skip = [], 0
@@ -1112,6 +1160,15 @@ def _main(args, argv, server_factory) -> dict:
     print(md)
     print(f"wrote {out_dir / 'serve.json'}, {out_dir / 'serve.md'}, {out_dir / 'serve.png'}")
     return report
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _git_state() -> str:

@@ -18,6 +18,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -30,6 +31,8 @@ MARK_END = "<!-- prefill:end -->"
 
 def _run_config(q, model: str, arch: str, video: str, hv: dict | None, reps: int,
                 fps: float, max_len: int) -> None:
+    os.setpgrp()  # the engine's processes join this group: the parent can always reap them
+    llm = None
     try:
         from vllm import LLM, SamplingParams
 
@@ -63,6 +66,9 @@ def _run_config(q, model: str, arch: str, video: str, hv: dict | None, reps: int
         import traceback
 
         q.put({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
+    finally:
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
 
 
 def run(args) -> dict:
@@ -89,9 +95,11 @@ def run(args) -> dict:
             res = q.get(timeout=args.timeout)
         except Exception as e:
             res = {"error": f"timeout/no result: {e}"}
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
+        p.join(timeout=120)
+        try:  # the config's process group: its engine core and workers
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         res["config"] = name
         if hv:
             cfg = HieraVidConfig.coerce(hv)

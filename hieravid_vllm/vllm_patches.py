@@ -151,6 +151,7 @@ def patch_engine_args() -> None:
                 check_vllm_version()
                 self.additional_config = {**self.additional_config,
                                           hv_options.CONFIG_KEY: opts.to_dict()}
+                opts = configure_stages(self, opts)
                 self.hf_overrides = HieraVidHfOverrides(opts.to_dict(), self.hf_overrides)
                 hv_metrics.setup_api_process()
                 logger.info("HieraVid enabled: %s", opts.to_dict())
@@ -185,6 +186,9 @@ def _patch_profile_run(cls) -> None:
 
 def _patch_runner_class(cls) -> None:
     _patch_profile_run(cls)
+    from hieravid_vllm.stages import wrap_runner_methods
+
+    wrap_runner_methods(cls, _MARK)
     orig = cls.__dict__.get("load_model")
     if orig is None or _already(orig):
         return
@@ -239,11 +243,113 @@ def patch_model_runners() -> None:
         sys.meta_path.insert(0, _RunnerImportHook())
 
 
+# ------------------------------------------------------------------------------------------
+# 4: the in-LLM stages (full mode)
+# ------------------------------------------------------------------------------------------
+#: Where vLLM's scheduler is replaced by the HieraVid one (full mode only).
+SCHEDULER_CLS = "hieravid_vllm.scheduler.HieraVidScheduler"
+
+
+def stages_unsupported_reason(engine_args) -> Optional[str]:
+    """Why the in-LLM stages cannot run with these engine arguments (None: they can)."""
+    if int(getattr(engine_args, "pipeline_parallel_size", 1) or 1) > 1:
+        return "pipeline parallelism"
+    if getattr(engine_args, "speculative_config", None):
+        return "speculative decoding"
+    if getattr(engine_args, "data_parallel_size", 1) not in (None, 1):
+        return "data parallelism"
+    cls = getattr(engine_args, "scheduler_cls", None)
+    if cls not in (None, SCHEDULER_CLS) and "AsyncScheduler" not in str(cls) and \
+            "vllm.v1.core.sched.scheduler.Scheduler" not in str(cls):
+        return f"a custom --scheduler-cls ({cls})"
+    return None
+
+
+def configure_stages(engine_args, opts: hv_options.ServingOptions) -> hv_options.ServingOptions:
+    """Full mode: install the HieraVid scheduler (and piecewise CUDA graphs, because each
+    stage has its own attention metadata); fall back to input-only with a warning where the
+    stages cannot run, before any process reads the options (so placeholder counts and
+    pruning agree)."""
+    if opts.config.mode != "full":
+        return opts
+    reason = stages_unsupported_reason(engine_args)
+    if reason is not None:
+        logger.warning("HieraVid: the layer-level stages do not support %s; using "
+                       "mode=input_only (all pruning before the LLM) with budget %s",
+                       reason, opts.config.budget)
+        return opts.model_copy(update={"config": opts.config.model_copy(
+            update={"mode": "input_only"})})
+    engine_args.scheduler_cls = SCHEDULER_CLS
+    if getattr(engine_args, "async_scheduling", None) is None:
+        engine_args.async_scheduling = False
+    try:
+        from vllm.config import CUDAGraphMode
+        from vllm.platforms import current_platform
+
+        cc = engine_args.compilation_config
+        if current_platform.is_cuda_alike() and getattr(cc, "cudagraph_mode", None) is None:
+            cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    except Exception:  # pragma: no cover - platform specific
+        logger.debug("HieraVid: could not set the CUDA graph mode", exc_info=True)
+    return opts
+
+
+def _prompt_needs(prompt_len: int, mm_placeholders) -> tuple:
+    """(tokens from the first video to the end of the prompt, encoder tokens of all media)."""
+    first = None
+    enc = 0
+    for modality, positions in (mm_placeholders or {}).items():
+        for pos in positions:
+            enc += int(pos.get_num_embeds())
+            if modality == "video":
+                first = pos.offset if first is None else min(first, pos.offset)
+    return (0 if first is None else prompt_len - first), enc
+
+
+def patch_input_processor() -> None:
+    """API process: a full-mode prompt whose videos and question can never be prefilled in
+    one step is rejected with a 400 naming the option to raise (instead of waiting forever)."""
+    from vllm.v1.engine import input_processor as ip
+
+    cls = ip.InputProcessor
+    orig = cls._validate_model_input
+    if _already(orig):
+        return
+
+    @_mark
+    @functools.wraps(orig)
+    def _validate_model_input(self, prompt_input, prompt_type):
+        orig(self, prompt_input, prompt_type)
+        raw = getattr(self.model_config.hf_config, hv_options.CONFIG_KEY, None)
+        if not raw or prompt_input.get("type") != "multimodal":
+            return
+        if hv_options.ServingOptions.from_dict(raw).config.mode != "full":
+            return
+        need, enc = _prompt_needs(len(prompt_input["prompt_token_ids"]),
+                                  prompt_input.get("mm_placeholders"))
+        budget = int(self.vllm_config.scheduler_config.max_num_batched_tokens)
+        from vllm.exceptions import VLLMValidationError  # a client error: HTTP 400
+
+        if need > budget:
+            raise VLLMValidationError(
+                f"HieraVid: the video(s) and the text after them ({need} tokens) must be "
+                f"prefilled in one step, but --max-num-batched-tokens is {budget}; send a "
+                f"shorter video or start the server with --max-num-batched-tokens >= {need}")
+        if self.mm_encoder_cache_size and enc > self.mm_encoder_cache_size:
+            raise VLLMValidationError(
+                f"HieraVid: the media of this prompt ({enc} encoder tokens) must be encoded "
+                f"in one step, but the encoder cache holds {self.mm_encoder_cache_size}; "
+                f"send fewer/shorter videos or raise --max-num-batched-tokens", parameter="messages")
+
+    cls._validate_model_input = _validate_model_input
+
+
 def apply_all() -> None:
     """Apply every patch (idempotent; vLLM loads plugins once per process)."""
     patch_engine_args()
     if vllm_version().startswith(SUPPORTED_VLLM):
         patch_model_runners()
+        patch_input_processor()
         from hieravid_vllm import media_checks  # clear 400s for bad videos (issue #7)
 
         media_checks.apply()

@@ -42,26 +42,16 @@ def serving_options(hf_config: Any) -> Optional[ServingOptions]:
     return ServingOptions.from_dict(raw)
 
 
-_warned_full = False
-
-
 def effective_config(opts: ServingOptions) -> HieraVidConfig:
-    """The config the input stage runs with.
+    """The config prompt processing and the model run with.
 
-    The layer-level stages inside the LLM are not wired into vLLM yet, so ``full`` mode
-    falls back to ``input_only`` (all pruning before the LLM, Table 4 ablation) with a
-    warning rather than serving a budget it does not reach.
+    ``full`` mode (the default) merges before the LLM and prunes again at the stage
+    boundaries inside it (:mod:`hieravid_vllm.stages`); where the engine cannot run the stages
+    (pipeline parallel, speculative decoding), the engine-config patch writes
+    ``mode=input_only`` into the options before any process reads them, so the API process
+    and the workers always agree.
     """
-    global _warned_full
-    cfg = opts.config
-    if cfg.mode == "full":
-        if not _warned_full:
-            logger.warning("HieraVid: layer-level stages inside the LLM are not available in "
-                           "this version; using mode=input_only (all pruning before the LLM) "
-                           "with budget %s", cfg.budget)
-            _warned_full = True
-        cfg = cfg.model_copy(update={"mode": "input_only"})
-    return cfg
+    return opts.config
 
 
 def num_llm_layers(hf_config: Any) -> int:
@@ -75,6 +65,28 @@ def _kept_count(cfg_json: str, num_frames: int, tokens_per_frame: int, num_layer
     n = num_frames * tokens_per_frame
     sched = build_schedule(cfg, n, num_layers, max_merge=max(num_frames - 1, 0) * tokens_per_frame)
     return int(sched.input_target)
+
+
+@lru_cache(maxsize=4096)
+def _stage_schedule(cfg_json: str, num_frames: int, tokens_per_frame: int,
+                    num_layers: int) -> tuple:
+    cfg = HieraVidConfig.model_validate_json(cfg_json)
+    n = num_frames * tokens_per_frame
+    sched = build_schedule(cfg, n, num_layers, max_merge=max(num_frames - 1, 0) * tokens_per_frame)
+    if cfg.mode == "full":
+        counts = tuple(int(c) for c in sched.counts)
+        uses = tuple(bool(u) for u in sched.uses_dpp)
+    else:  # every layer sees the input count
+        counts = (int(sched.input_target),) * len(cfg.stage_boundaries(num_layers))
+        uses = (False,) * len(counts)
+    return counts, uses
+
+
+def stage_schedule(cfg: HieraVidConfig, num_frames: int, tokens_per_frame: int,
+                   num_layers: int) -> tuple:
+    """(visual tokens per LLM stage, DPP used per stage) of one video (exact, grid only)."""
+    return _stage_schedule(cfg.model_dump_json(), int(num_frames), int(tokens_per_frame),
+                           int(num_layers))
 
 
 def kept_count(cfg: HieraVidConfig, num_frames: int, tokens_per_frame: int, num_layers: int) -> int:

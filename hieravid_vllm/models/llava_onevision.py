@@ -9,6 +9,8 @@ from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionMultiModalProcessor, LlavaOnevisionProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from hieravid_vllm.stages import HieraVidStagesMixin
+
 from hieravid_vllm.models.common import (BUDGET_FIELD, HieraVidProcessorMixin, num_llm_layers,
                                          prune_video, serving_options, video_item_options)
 
@@ -27,7 +29,8 @@ class HieraVidLlavaOnevisionMultiModalProcessor(HieraVidProcessorMixin,
 @MULTIMODAL_REGISTRY.register_processor(HieraVidLlavaOnevisionMultiModalProcessor,
                                         info=LlavaOnevisionProcessingInfo,
                                         dummy_inputs=LlavaOnevisionDummyInputsBuilder)
-class HieraVidLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+class HieraVidLlavaOnevisionForConditionalGeneration(HieraVidStagesMixin,
+                                                     LlavaOnevisionForConditionalGeneration):
     """LLaVA-OneVision with HieraVid video-token pruning. Positions stay 1-D: vLLM numbers
     the (shorter) placeholder run as it is."""
 
@@ -35,6 +38,7 @@ class HieraVidLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditiona
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.hieravid_options = serving_options(self.config)
         self.hieravid_num_layers = num_llm_layers(self.config)
+        self._hieravid_stages_setup()
 
     def _pooled_side(self) -> int:
         vc = self.config.vision_config
@@ -59,5 +63,12 @@ class HieraVidLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditiona
                 emb = emb.reshape(-1, emb.shape[-1])           # (f * side^2 + 1, C)
                 feats = emb[:-1].reshape(f, side, side, emb.shape[-1])
                 res = prune_video(feats, opts, self.hieravid_num_layers)
-                out += (torch.cat([res.features.to(emb.dtype), emb[-1:]], dim=0),)
+                row = torch.cat([res.features.to(emb.dtype), emb[-1:]], dim=0)
+                row.hieravid_layout = (res.segment_ids, res.num_segments, res.kept_indices)
+                out += (row,)
         return out
+
+    def _hieravid_video_grid(self, data):
+        frames = int(data["pixel_values_videos"].data.shape[0])
+        side = self._pooled_side()
+        return frames, side * side, 1  # + the newline token, never pruned

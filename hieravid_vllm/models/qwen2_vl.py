@@ -9,6 +9,8 @@ from vllm.model_executor.models.qwen2_vl import (Qwen2VLDummyInputsBuilder,
                                                   Qwen2VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from hieravid_vllm.stages import HieraVidStagesMixin
+
 from hieravid_vllm.models.common import (BUDGET_FIELD, HieraVidMRoPEMixin,
                                          HieraVidProcessorMixin, append_position_channels,
                                          full_grid_thw, num_llm_layers, prune_video,
@@ -26,7 +28,7 @@ class HieraVidQwen2VLMultiModalProcessor(HieraVidQwenProcessorMixin, Qwen2VLMult
     pass
 
 
-class HieraVidQwenModelMixin(HieraVidMRoPEMixin):
+class HieraVidQwenModelMixin(HieraVidMRoPEMixin, HieraVidStagesMixin):
     """embed_multimodal with the HieraVid input stage for the Qwen2-VL family."""
 
     #: tells the model-runner patch that media embeddings carry position channels
@@ -35,6 +37,7 @@ class HieraVidQwenModelMixin(HieraVidMRoPEMixin):
     def _hieravid_setup(self) -> None:
         self.hieravid_options = serving_options(self.config)
         self.hieravid_num_layers = num_llm_layers(self.config)
+        self._hieravid_stages_setup()
 
     def get_encoder_cudagraph_config(self):
         # Pruning post-processes the encoder output in embed_multimodal, which the encoder
@@ -68,8 +71,15 @@ class HieraVidQwenModelMixin(HieraVidMRoPEMixin):
                 feats = emb.reshape(t, h // merge, w // merge, emb.shape[-1])
                 res = prune_video(feats, item_opts[i], self.hieravid_num_layers)
                 t_scale = float(sec[i]) * tps if sec is not None else 1.0
-                out += (append_position_channels(res.features.to(emb.dtype), res.thw, t_scale),)
+                row = append_position_channels(res.features.to(emb.dtype), res.thw, t_scale)
+                row.hieravid_layout = (res.segment_ids, res.num_segments, res.kept_indices)
+                out += (row,)
         return out
+
+    def _hieravid_video_grid(self, data):
+        t, h, w = (int(x) for x in data["video_grid_thw"].data)
+        m = self.config.vision_config.spatial_merge_size
+        return t, (h // m) * (w // m), 0
 
 
 @MULTIMODAL_REGISTRY.register_processor(HieraVidQwen2VLMultiModalProcessor,

@@ -250,3 +250,26 @@ def test_kernel_batched_fallback_nonfinite_scores(kind, split, gen):
         got = hk.greedy_map_batched(H, lengths, ks, fallback_scores=fb, backend="triton",
                                     block_n=16, **kw)
     assert torch.equal(got, ref.greedy_map_batched(H, lengths, ks, fallback_scores=fb))
+
+
+# ------------------------------------------------------------------------------------------
+# the reference's two CPU layouts: padded batch vs one segment at a time (the CPU default)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("materialize", [None, True, False])
+def test_core_per_segment_equals_padded_batch(materialize, gen):
+    S, n_max, C = 6, 33, 20
+    lengths = torch.randint(1, n_max + 1, (S,), generator=gen)
+    lengths[0], lengths[2] = n_max, 1
+    ks = (torch.rand(S, generator=gen) * (lengths + 1)).long().clamp(max=lengths)
+    ks[0], ks[1] = lengths[0], 0
+    H = torch.randn(S, n_max, C, generator=gen).to(torch.bfloat16)
+    w = torch.rand(S, n_max, generator=gen)
+    fb = torch.rand(S, n_max, generator=gen)
+    kw = dict(weights=w, fallback_scores=fb, materialize=materialize)
+    padded = ref.greedy_map_batched(H, lengths, ks, per_segment=False, **kw)
+    assert torch.equal(ref.greedy_map_batched(H, lengths, ks, per_segment=True, **kw), padded)
+    assert torch.equal(ref.greedy_map_batched(H, lengths, ks, **kw), padded)   # CPU default
+    for s in range(S):       # and each segment alone, against its explicit kernel
+        n, k = int(lengths[s]), int(ks[s])
+        L = ref.dpp_kernel(H[s, :n], w[s, :n])
+        assert padded[s, :k].tolist() == ref.greedy_map(L, k, fallback_scores=fb[s, :n]).tolist()

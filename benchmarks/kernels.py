@@ -565,6 +565,10 @@ def render(dev, seg_rows, dpp_rows, run_kernels, note) -> str:
              f"{getattr(sys.modules.get('triton'), '__version__', 'n/a')}; "
              f"{datetime.date.today().isoformat()}; `python benchmarks/kernels.py`"
              f"{' --quick' if note.get('quick') else ''}.", ""]
+    if dev.type == "cpu" and hasattr(os, "getloadavg"):
+        lines += [f"Host load average (1 min) at the end of the run: {os.getloadavg()[0]:.1f} "
+                  f"on {os.cpu_count()} cores (a shared machine: CPU times are noisy, one "
+                  "repetition per DPP case).", ""]
     if not run_kernels:
         lines += ["**CPU run: reference and loop baseline only; Triton kernels not timed** "
                   "(no CUDA device; the interpreter is for correctness tests). GPU figures "
@@ -582,7 +586,7 @@ def render(dev, seg_rows, dpp_rows, run_kernels, note) -> str:
               "`prune_input_stage(..., ops=hk.OPS)`; reference = default `ops`), Top-K and "
               "segmentation included.", "",
               "### Frame-level DPP, all segments (ms per call)", "",
-              "| model | budget | stage | tokens / segments | sum n k^2 | reference (batched) "
+              "| model | budget | stage | tokens / segments | sum n k^2 | reference "
               "| per-segment loop | kernel | kernel us / step | loop / kernel "
               "| kernel, split (exp.) | match |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -597,8 +601,9 @@ def render(dev, seg_rows, dpp_rows, run_kernels, note) -> str:
     lines += ["", "Targets: LLaVA-Video-7B at budget 0.3 (stage 3 and input_only rows) under "
               "1 ms and >= 10x faster than the per-segment loop. Kernel = Gram launch + greedy "
               "launch (one program per segment) + dispatch overhead; reference = "
-              "`hieravid_vllm.core.dpp.greedy_map_batched` (batched over segments, one set of "
-              "ops per step); loop = Python loop over segments, CDPruner-style fast MAP per "
+              "`hieravid_vllm.core.dpp.greedy_map_batched` (CUDA: batched over segments, one "
+              "set of ops per step; CPU: its default `per_segment`, one trimmed segment at a "
+              "time); loop = Python loop over segments, CDPruner-style fast MAP per "
               "segment; split = the experimental multi-program kernel (`split=\"auto\"`: each "
               "segment over several SMs, per-step barrier). Segments: random 4-16 frames, tokens spread evenly over frames, "
               "bf16 hidden states (segment centre + noise), relevance from a random query."]

@@ -157,3 +157,26 @@ def test_batched_dpp_independent_of_segment_order_and_padding(materialize):
     assert run([3, 1, 0, 2], 80, threads=2) == ref
     other = (torch.randn(70, C, generator=g), 20)
     assert run([1, 3, 2, 0], 70, extra=[other]) == ref  # a longer segment in the batch
+
+
+def test_segment_sums_deterministic_formulation():
+    """``segment_sums``: the one-hot product CUDA uses (no atomics) equals the ``index_add_``
+    sums CPU uses (float64 reference), and the CPU path is exactly ``index_add_``."""
+    from hieravid_vllm.core.schedule import segment_sums
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 64, generator=g)
+    seg = torch.sort(torch.randint(0, 7, (500,), generator=g)).values
+    ref = torch.zeros(7, 64, dtype=torch.float64).index_add_(0, seg, x.double())
+    cpu = segment_sums(x, seg, 7)
+    assert torch.equal(cpu, torch.zeros(7, 64).index_add_(0, seg, x))
+    for threads in THREADS:
+        # (on CPU a GEMM's reduction split depends on the thread count, which is why CPU
+        # keeps index_add_; CUDA's GEMM is reproducible on the same GPU model)
+        cpu_t = _with_threads(threads, segment_sums, x, seg, 7)
+        assert torch.equal(cpu_t, cpu)
+        mm = _with_threads(threads, segment_sums, x, seg, 7, matmul=True)
+        torch.testing.assert_close(mm.double(), ref, rtol=1e-5, atol=1e-4)
+        assert torch.equal(mm, _with_threads(threads, segment_sums, x, seg, 7, matmul=True))
+    assert torch.equal(segment_sums(x.to(torch.bfloat16), seg, 7),
+                       segment_sums(x.to(torch.bfloat16).float(), seg, 7))

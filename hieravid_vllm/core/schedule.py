@@ -302,6 +302,24 @@ def allocate_segment_counts(lengths: torch.Tensor, keep_ratio: torch.Tensor,
     return counts
 
 
+def segment_sums(features: torch.Tensor, seg: torch.Tensor, M: int,
+                 matmul: Optional[bool] = None) -> torch.Tensor:
+    """(M, C) float32 sums of the rows of ``features`` (n, C) per segment id ``seg`` (n,).
+
+    Deterministic on every device, so that tensor-parallel ranks, which run the selection on
+    the same replicated hidden states, compute bit-identical sums (and so the same counts):
+    CUDA's ``index_add_`` adds with atomics in a run-dependent order, so there (``matmul``
+    None on CUDA) the sums are a one-hot (M, n) x (n, C) product instead; CPU keeps
+    ``index_add_`` (sequential over the index, deterministic).
+    """
+    x = features.to(torch.float32)
+    idx = seg.to(x.device)
+    if matmul if matmul is not None else x.is_cuda:
+        onehot = idx.unsqueeze(0) == torch.arange(M, device=x.device).unsqueeze(1)
+        return onehot.to(torch.float32) @ x
+    return torch.zeros(M, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, idx, x)
+
+
 def segment_counts(features: torch.Tensor, segment_ids: torch.Tensor, target: int,
                    config: HieraVidConfig, num_segments: Optional[int] = None) -> torch.Tensor:
     """Per-segment kept counts for one pruning stage (Eq. 4-5), summing exactly to ``target``.
@@ -329,8 +347,7 @@ def segment_counts(features: torch.Tensor, segment_ids: torch.Tensor, target: in
     nonempty = lengths > 0
     z = torch.zeros(M, dtype=torch.float64, device=seg.device)
     if int(nonempty.sum()) > 1 and config.r_var > 0:
-        sums = torch.zeros(M, features.shape[-1], dtype=torch.float32, device=features.device)
-        sums.index_add_(0, seg.to(features.device), features.to(torch.float32))
+        sums = segment_sums(features, seg, M)
         g = sums / lengths.clamp_min(1).to(sums.device, torch.float32).unsqueeze(-1)
         idx = torch.nonzero(nonempty).squeeze(-1)
         b = segment_scores(g[idx.to(g.device)], config.lam, config.missing_neighbor).to(seg.device)

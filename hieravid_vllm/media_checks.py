@@ -26,8 +26,9 @@ only change responses that were errors already; a video vLLM decodes is untouche
    video that decodes to 0 frames is rejected.
 3. ``MediaConnector.load_from_url[_async]``: for ``http(s)`` URLs, network errors and
    timeouts left after vLLM's retries become a 400 naming the URL. How long a fetch may take
-   is vLLM's ``VLLM_VIDEO_FETCH_TIMEOUT`` (seconds per attempt, doubled on each retry) and
-   ``VLLM_MEDIA_FETCH_MAX_RETRIES`` (attempts).
+   is vLLM's: ``VLLM_VIDEO_FETCH_TIMEOUT`` seconds for the first attempt, 4x longer on each
+   of the ``VLLM_MEDIA_FETCH_MAX_RETRIES`` attempts, with 1 s, 4 s, ... sleeps between them
+   (defaults 30 s and 3: about 10.5 minutes for a URL that never answers).
 """
 from __future__ import annotations
 

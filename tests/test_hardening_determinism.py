@@ -10,6 +10,13 @@ call (padding included). Checked here on CPU with the core entry points
 features with structure (scenes, static regions, exact duplicates: ties) and without.
 The server-side counterpart (a video's kept tokens are the same alone and batched with
 another video in one prompt) is in ``test_hardening_input.py``.
+
+Found and fixed: the per-segment feature sums of Eq. 4-5 (``core.schedule.segment_counts``,
+also run by every in-LLM stage) used ``index_add_``, which on CUDA adds with atomics in a
+run-dependent order, so two ranks could round differently and allocate different per-segment
+counts; on CUDA they are now a one-hot matrix product (``segment_sums``), on CPU
+``index_add_`` stays (sequential, deterministic, same numbers as before). Not checked here:
+anything on a GPU (no GPU on this machine).
 """
 from __future__ import annotations
 

@@ -15,23 +15,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import run_isolated, write_section  # noqa: E402
+
 MARK_BEGIN = "<!-- prefill:begin -->"
 MARK_END = "<!-- prefill:end -->"
 
 
-def _run_config(q, model: str, arch: str, video: str, hv: dict | None, reps: int,
-                fps: float, max_len: int) -> None:
-    os.setpgrp()  # the engine's processes join this group: the parent can always reap them
+def _run_config(model: str, arch: str, video: str, hv: dict | None, reps: int,
+                fps: float, max_len: int) -> dict:
     llm = None
     try:
         from vllm import LLM, SamplingParams
@@ -59,13 +59,9 @@ def _run_config(q, model: str, arch: str, video: str, hv: dict | None, reps: int
             t0 = time.perf_counter()
             llm.chat(msgs, sp, use_tqdm=False)
             times.append(time.perf_counter() - t0)
-        q.put({"prompt_tokens": len(out[0].prompt_token_ids), "cold_ms": cold * 1e3,
-               "prefill_ms": statistics.median(times) * 1e3,
-               "prefill_min_ms": min(times) * 1e3})
-    except Exception as e:  # reported, not hidden
-        import traceback
-
-        q.put({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
+        return {"prompt_tokens": len(out[0].prompt_token_ids), "cold_ms": cold * 1e3,
+                "prefill_ms": statistics.median(times) * 1e3,
+                "prefill_min_ms": min(times) * 1e3}
     finally:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
@@ -84,22 +80,10 @@ def run(args) -> dict:
     for b in args.budgets:
         configs.append((f"hieravid {b} full", {"budget": b}))
         configs.append((f"hieravid {b} input_only", {"budget": b, "mode": "input_only"}))
-    ctx = mp.get_context("spawn")
     rows = []
     for name, hv in configs:
-        q = ctx.Queue()
-        p = ctx.Process(target=_run_config, args=(q, model, args.arch, str(vid), hv, args.reps,
-                                                  args.fps, args.max_len))
-        p.start()
-        try:
-            res = q.get(timeout=args.timeout)
-        except Exception as e:
-            res = {"error": f"timeout/no result: {e}"}
-        p.join(timeout=120)
-        try:  # the config's process group: its engine core and workers
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        res = run_isolated(_run_config, model, args.arch, str(vid), hv, args.reps, args.fps,
+                           args.max_len, timeout=args.timeout)
         res["config"] = name
         if hv:
             cfg = HieraVidConfig.coerce(hv)
@@ -132,15 +116,7 @@ def markdown(res: dict) -> str:
 
 
 def write_results(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else ""
-    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in old and MARK_END in old:
-        a = old.index(MARK_BEGIN)
-        b = old.index(MARK_END) + len(MARK_END)
-        new = old[:a] + block + old[b:]
-    else:
-        new = old.rstrip() + "\n\n## LLM prefill (in-LLM stages)\n\n" + block + "\n"
-    path.write_text(new)
+    write_section(path, MARK_BEGIN, MARK_END, "LLM prefill (in-LLM stages)", text)
 
 
 def main(argv=None) -> int:

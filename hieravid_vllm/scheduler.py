@@ -47,16 +47,107 @@ def must_wait(request, num_computed: int, num_new: int) -> bool:
     return any(e > num_computed for _s, e in _video_spans(request))
 
 
-def usable_hit(request, num_hit: int, block_size: int) -> int:
-    """The longest prefix-cache hit not ending inside a video run."""
+def usable_hit(request, num_hit: int, block_size: int, before_first_video: bool = False) -> int:
+    """The longest prefix-cache hit not ending inside a video run (``before_first_video``:
+    not reaching past the first video's start, needed with one KV cache group per stage,
+    whose blocks hold compacted tokens from there on)."""
     for s, e in _video_spans(request):
-        if s < num_hit < e:
+        if s < num_hit < e or (before_first_video and s < num_hit):
             return (s // block_size) * block_size
     return num_hit
 
 
+def request_stage_spans(request, hf_config) -> List[tuple]:
+    """(offset, counts per stage) of every video of a request (engine-core side; from the
+    video's grid and budget, exactly as the worker and the prompt processor count)."""
+    from hieravid_vllm.models.common import (num_llm_layers, serving_options, stage_schedule,
+                                             video_item_config, video_item_grid)
+
+    opts = serving_options(hf_config)
+    L = num_llm_layers(hf_config)
+    spans = []
+    for f in getattr(request, "mm_features", None) or ():
+        if f.modality != "video" or f.data is None:
+            continue
+        frames, per_frame, _extra = video_item_grid(hf_config, f.data)
+        counts, _uses = stage_schedule(video_item_config(opts, f.data), frames, per_frame, L)
+        spans.append((int(f.mm_position.offset), tuple(counts)))
+    return sorted(spans)
+
+
+def compacted_tokens(spans, g: int, n: int) -> int:
+    """Slots stage ``g`` needs for the first ``n`` tokens of a request (dropped visual tokens
+    of stage ``g`` take none)."""
+    c = n
+    for off, counts in spans:
+        if n <= off:
+            break
+        c -= max(0, min(n - off, counts[0]) - counts[g])
+    return c
+
+
+def _wrap_stage_manager(manager, g: int, spans_of) -> None:
+    """Make the KV cache manager of stage ``g``'s group count compacted tokens."""
+    orig_n, orig_alloc, orig_cache = (manager.get_num_blocks_to_allocate,
+                                      manager.allocate_new_blocks, manager.cache_blocks)
+
+    def get_num_blocks_to_allocate(request_id, num_tokens, new_computed_blocks,
+                                   total_computed_tokens, num_local_computed_tokens,
+                                   num_tokens_main_model, *args, **kwargs):
+        sp = spans_of(request_id)
+        return orig_n(request_id, compacted_tokens(sp, g, num_tokens), new_computed_blocks,
+                      total_computed_tokens, num_local_computed_tokens,
+                      compacted_tokens(sp, g, num_tokens_main_model), *args, **kwargs)
+
+    def allocate_new_blocks(request_id, num_tokens, num_tokens_main_model, *args, **kwargs):
+        sp = spans_of(request_id)
+        return orig_alloc(request_id, compacted_tokens(sp, g, num_tokens),
+                          compacted_tokens(sp, g, num_tokens_main_model), *args, **kwargs)
+
+    def cache_blocks(request, num_tokens, *args, **kwargs):
+        return orig_cache(request, compacted_tokens(spans_of(request.request_id), g,
+                                                    num_tokens), *args, **kwargs)
+
+    manager.get_num_blocks_to_allocate = get_num_blocks_to_allocate
+    manager.allocate_new_blocks = allocate_new_blocks
+    manager.cache_blocks = cache_blocks
+
+
 class HieraVidScheduler(Scheduler):
-    """vLLM's scheduler with the two HieraVid constraints described in the module docstring."""
+    """vLLM's scheduler with the HieraVid constraints described in the module docstring.
+
+    With one KV cache group per stage (:func:`hieravid_vllm.vllm_patches.patch_kv_cache_groups`)
+    the group of stage ``g`` allocates only the slots its kept tokens need
+    (:func:`compacted_tokens`), so a request's KV memory is about the sum over stages of its
+    kept tokens, and admission counts that smaller footprint.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._hv_spans: dict = {}
+        self._hv_hf_config = self.vllm_config.model_config.hf_config
+        groups = self.kv_cache_config.kv_cache_groups
+        self.hieravid_stage_groups = len(groups) > 1
+        if self.hieravid_stage_groups:
+            managers = self.kv_cache_manager.coordinator.single_type_managers
+            for g, m in enumerate(managers):
+                if g:
+                    _wrap_stage_manager(m, g, self._hv_spans_of)
+            logger.info("HieraVid: %d KV cache groups (one per stage)", len(groups))
+
+    def _hv_spans_of(self, request_id: str):
+        return self._hv_spans.get(request_id, ())
+
+    def add_request(self, request) -> None:
+        if _video_spans(request):
+            self._hv_spans[request.request_id] = request_stage_spans(request,
+                                                                     self._hv_hf_config)
+        super().add_request(request)
+
+    def _free_request(self, request, *args, **kwargs):
+        out = super()._free_request(request, *args, **kwargs)
+        self._hv_spans.pop(request.request_id, None)
+        return out
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens: int,
                                    num_new_tokens: int) -> int:
@@ -69,7 +160,7 @@ class HieraVidScheduler(Scheduler):
         blocks, num_local, boundary, divergent = super()._get_local_prefix_cache_hit(request)
         if num_local and _video_spans(request):
             bs = self.block_size
-            keep = usable_hit(request, num_local, bs)
+            keep = usable_hit(request, num_local, bs, self.hieravid_stage_groups)
             if keep != num_local:
                 # take only the part of the hit before the video (nothing is allocated or
                 # touched yet: allocate_slots does that with the blocks returned here)

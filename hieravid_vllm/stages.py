@@ -7,14 +7,21 @@ relevance-weighted DPP per segment of the input stage (Eq. 9-10) and the per-seg
 (Eq. 5) -- :func:`hieravid_vllm.core.pipeline.select_layer_stage`. Later layers compute, cache
 and attend over the kept tokens only; text tokens are never dropped.
 
-How it fits vLLM v1 (one KV cache group, one block table per request):
+How it fits vLLM v1:
 
+* KV cache: each stage's layers form their own KV cache group (engine-config patch
+  ``vllm_patches.patch_kv_cache_groups``; vLLM lets groups of one page size alias the same
+  memory, each with its own block table). The scheduler hook
+  (:class:`hieravid_vllm.scheduler.HieraVidScheduler`) makes group ``g`` allocate only the
+  slots its kept tokens need, so a request holds about the sum over stages of kept tokens and
+  admission counts that footprint. Stage ``g`` stores a request's KV compacted: token ``p``
+  lives at index ``p - D_g(p)`` of the group's blocks, ``D_g`` = visual tokens dropped
+  before stage ``g`` (kept visual tokens in order inside the video run). (With one group for
+  all layers -- ``HIERAVID_KV_GROUPS=0`` or stages of unequal depth -- the same compacted
+  layout lives in the shared blocks: compute savings only.)
 * The counts per stage are a function of the video grid and the config (the core schedule),
   so before the forward the runner hook (:func:`build_step_plan`, called right after the model
-  runner built its attention metadata) knows for every request and stage ``g`` how many
-  visual tokens were dropped before it: ``D_g``. Stage ``g`` stores a request's KV
-  compacted: token ``p`` of the sequence lives at index ``p - D_g(p)`` of the request's
-  blocks (kept visual tokens in order inside the video run). The hook builds, with the
+  runner built its attention metadata) knows ``D_g`` for every request and builds, with the
   attention backend's own metadata builder, one attention metadata and one slot mapping per
   stage (compacted ``query_start_loc`` / ``seq_lens`` / ``slot_mapping``) and installs them
   for that stage's layers in the per-layer dicts of the forward context. No host sync
@@ -26,10 +33,6 @@ How it fits vLLM v1 (one KV cache group, one block table per request):
   vLLM's own (compiled) forward: only the metadata of later stages differs.
 * The final hidden states are scattered back to the step's token rows (text rows, in
   particular every request's last token, are always kept), so sampling is unchanged.
-
-The memory side (stage ``g`` needs only ``len - D_g`` slots) is not yet returned to the block
-pool: all stages share one block table (see the issue notes); compute, attention and KV
-contents already follow the pruned schedule.
 """
 from __future__ import annotations
 
@@ -195,19 +198,22 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
                     [int(q[g].sum()) for g in range(S)])
 
     kv_groups = runner.kv_cache_config.kv_cache_groups
-    if len(kv_groups) != 1:
-        raise RuntimeError("HieraVid stages need a single KV cache group")
-    bt = ib.block_table[0]
-    block_np = bt.block_table.np[:num_reqs]
+    per_stage_groups = len(kv_groups) == S
+    if len(kv_groups) != 1 and not per_stage_groups:
+        raise RuntimeError(f"HieraVid stages need one KV cache group or one per stage, "
+                           f"got {len(kv_groups)}")
     any_layer = next(iter(attn_metadata))
     padded_rows = int(slot_by_layer[any_layer].shape[0]) if slot_by_layer else num_tokens
     device = runner.device
     names_by_stage = stage_layer_names(attn_metadata.keys(), boundaries)
-    block_table_dev = bt.get_device_tensor(num_reqs)
     for g in range(1, S):
         names = set(names_by_stage.get(g, []))
         if not names:
             continue
+        gid = g if per_stage_groups else 0
+        bt = ib.block_table[gid]
+        block_np = bt.block_table.np[:num_reqs]
+        block_table_dev = bt.get_device_tensor(num_reqs)
         rows = int(q[g].sum())
         slots = _slot_mapping(block_np, bt.block_size, nc[g], q[g],
                               rows + max(padded_rows - num_tokens, 0))
@@ -232,7 +238,7 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
             is_prefilling=torch.from_numpy(nc[0] < np.asarray(
                 [r.num_prompt for r in reqs])),
         )
-        for attn_group in runner.attn_groups[0]:
+        for attn_group in runner.attn_groups[gid]:
             group_names = [n for n in attn_group.layer_names if n in names]
             if not group_names:
                 continue
@@ -247,6 +253,13 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
 # ------------------------------------------------------------------------------------------
 # model side
 # ------------------------------------------------------------------------------------------
+def _kernel_ops():
+    """The kernels' dispatch (Triton on CUDA tensors, the core reference elsewhere)."""
+    from hieravid_kernels import OPS
+
+    return OPS
+
+
 def _select_rows(plan: StepPlan, g: int, stream: torch.Tensor, seq_pos: torch.Tensor,
                  req_of_row: torch.Tensor, seg_state: Dict[tuple, torch.Tensor],
                  layouts: Dict[str, Any], kept_log: Optional[dict]) -> torch.Tensor:
@@ -272,14 +285,19 @@ def _select_rows(plan: StepPlan, g: int, stream: torch.Tensor, seq_pos: torch.Te
             hv = stream[rows[vrows]].float()
             query = stream[rows[qrows]].float()
             keep = select_layer_stage(hv, query, seg, v.counts[g], v.config,
-                                      use_dpp=bool(v.uses_dpp[g]), num_segments=nseg)
+                                      use_dpp=bool(v.uses_dpp[g]), num_segments=nseg,
+                                      ops=_kernel_ops())
             drop = torch.ones(vrows.numel(), dtype=torch.bool, device=stream.device)
             drop[keep.to(stream.device)] = False
             keep_mask[vrows[drop]] = False
             seg_state[key] = (seg[keep.to(seg.device)], nseg)
-            if kept_log is not None:
-                kept_log.setdefault(v.mm_hash, []).append(
-                    (pos[vrows[keep.to(stream.device)]] - v.offset).cpu())
+            if kept_log is not None:  # debug dump: what the selection saw and chose
+                kept_log.setdefault(v.mm_hash, []).append({
+                    "pos": (pos[vrows[keep.to(stream.device)]] - v.offset).cpu(),
+                    "hidden_visual": hv.cpu(), "query": query.cpu(), "segment_ids": seg.cpu(),
+                    "num_segments": nseg, "target": v.counts[g],
+                    "use_dpp": bool(v.uses_dpp[g]),
+                    "config": v.config.model_dump(mode="json")})
         keep_parts.append(rows[keep_mask])
     if n_rows > plan.num_tokens_current:
         keep_parts.append(rows_all[plan.num_tokens_current:])
@@ -346,9 +364,7 @@ STAGES_DUMP_PREFIX = "stages"
 class HieraVidStagesMixin:
     """Adds the in-LLM stages to a HieraVid model class.
 
-    Subclasses implement ``_hieravid_video_grid(data) -> (frames, tokens_per_frame, extra)``
-    for one video's multimodal inputs (extra: placeholder tokens never pruned) and attach
-    ``hieravid_layout`` = (segment_ids, num_segments, kept_indices) of the input stage to each
+    Subclasses attach ``hieravid_layout`` = (segment_ids, num_segments, kept_indices) of the input stage to each
     video embedding they return from ``embed_multimodal``.
     """
 
@@ -363,17 +379,14 @@ class HieraVidStagesMixin:
         self._hieravid_encoder_cache = None
         self._hieravid_req_videos: Dict[str, List[VideoSpan]] = {}
 
-    def _hieravid_video_grid(self, data) -> tuple:
-        raise NotImplementedError
-
     def hieravid_request_videos(self, state) -> List[VideoSpan]:
         """The pruned videos of a request (worker side, from its multimodal features)."""
         rid = state.req_id
         hit = self._hieravid_req_videos.get(rid)
         if hit is not None:
             return hit
-        from hieravid_vllm.models.common import (BUDGET_FIELD, decode_budgets, num_llm_layers,
-                                                 stage_schedule)
+        from hieravid_vllm.models.common import (num_llm_layers, stage_schedule,
+                                                 video_item_config, video_item_grid)
 
         opts = self.hieravid_options
         L = num_llm_layers(self.config)
@@ -381,12 +394,8 @@ class HieraVidStagesMixin:
         for f in state.mm_features or ():
             if f.modality != "video":
                 continue
-            frames, per_frame, extra = self._hieravid_video_grid(f.data)
-            cfg = opts.config
-            field = f.data.get(BUDGET_FIELD) if hasattr(f.data, "get") else None
-            if field is not None:
-                (budget,) = decode_budgets(field.data)
-                cfg = opts.with_budget(budget).config
+            frames, per_frame, extra = video_item_grid(self.config, f.data)
+            cfg = video_item_config(opts, f.data)
             counts, uses = stage_schedule(cfg, frames, per_frame, L)
             length = int(f.mm_position.length)
             if length != counts[0] + extra:
@@ -441,11 +450,11 @@ def _dump_stages(debug_dir: str, kept_log: dict, layouts: dict) -> None:
     global _dump_counter
     for mm_hash, per_stage in kept_log.items():
         kept0 = layouts[mm_hash][2].cpu()
-        stages = [kept0] + [kept0[idx.long()] for idx in per_stage]
+        stages = [kept0] + [kept0[d["pos"].long()] for d in per_stage]
         _dump_counter += 1
         path = Path(debug_dir) / f"{STAGES_DUMP_PREFIX}-{os.getpid()}-{_dump_counter:05d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"mm_hash": mm_hash, "stages": stages}, path)
+        torch.save({"mm_hash": mm_hash, "stages": stages, "boundaries": per_stage}, path)
 
 
 # ------------------------------------------------------------------------------------------

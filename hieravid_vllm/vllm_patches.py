@@ -344,12 +344,67 @@ def patch_input_processor() -> None:
     cls._validate_model_input = _validate_model_input
 
 
+#: Set to 0 to keep one KV cache group (no per-stage memory savings; for debugging).
+KV_GROUPS_ENV = "HIERAVID_KV_GROUPS"
+
+
+def stage_kv_groups(vllm_config, kv_cache_spec) -> Optional[list]:
+    """Layer names of each stage's KV cache group, or None where one group must stay (HieraVid
+    off or not in full mode, non-uniform specs, stages of unequal depth: vLLM shares each
+    KV tensor between one layer of every group, so groups need equal layer counts)."""
+    import os
+    import re
+
+    if os.environ.get(KV_GROUPS_ENV, "1") == "0":
+        return None
+    hf_config = vllm_config.model_config.hf_config
+    raw = getattr(hf_config, hv_options.CONFIG_KEY, None)
+    if not raw:
+        return None
+    cfg = hv_options.ServingOptions.from_dict(raw).config
+    if cfg.mode != "full" or len(set(kv_cache_spec.values())) != 1:
+        return None
+    text = getattr(hf_config, "text_config", None) or hf_config
+    bounds = list(cfg.stage_boundaries(int(text.num_hidden_layers)))
+    groups: list = [[] for _ in bounds]
+    for name in kv_cache_spec:
+        m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        if m is None:
+            return None
+        idx = int(m.group(1))
+        groups[max(i for i, b in enumerate(bounds) if idx >= b)].append(name)
+    if len(groups) < 2 or len({len(g) for g in groups}) != 1:
+        return None
+    return groups
+
+
+def patch_kv_cache_groups() -> None:
+    """Engine core: one KV cache group per HieraVid stage (full mode), so the KV cache
+    manager allocates every stage only the slots its kept tokens need."""
+    from vllm.v1.core import kv_cache_utils as kcu
+
+    orig = kcu.get_kv_cache_groups
+    if _already(orig):
+        return
+
+    @_mark
+    @functools.wraps(orig)
+    def get_kv_cache_groups(vllm_config, kv_cache_spec):
+        groups = stage_kv_groups(vllm_config, kv_cache_spec)
+        if groups is None:
+            return orig(vllm_config, kv_cache_spec)
+        return kcu.create_kv_cache_group_specs(kv_cache_spec, groups)
+
+    kcu.get_kv_cache_groups = get_kv_cache_groups
+
+
 def apply_all() -> None:
     """Apply every patch (idempotent; vLLM loads plugins once per process)."""
     patch_engine_args()
     if vllm_version().startswith(SUPPORTED_VLLM):
         patch_model_runners()
         patch_input_processor()
+        patch_kv_cache_groups()
         from hieravid_vllm import media_checks  # clear 400s for bad videos (issue #7)
 
         media_checks.apply()

@@ -140,3 +140,63 @@ def test_block_key_on_first_video_block_only():
     assert marked == [40 // 16]
     assert keys[marked[0]] == ("hieravid_stages", "abc")
     assert hsched.hieravid_extra_keys(_request([("image", 0, 5)], 10), 0, 16) is None
+
+
+def _engine_args(**kw):
+    base = dict(pipeline_parallel_size=1, speculative_config=None, data_parallel_size=1,
+                scheduler_cls=None, async_scheduling=None,
+                compilation_config=SimpleNamespace(cudagraph_mode=None))
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("kw, reason", [
+    (dict(pipeline_parallel_size=2), "pipeline"),
+    (dict(speculative_config={"method": "ngram"}), "speculative"),
+    (dict(data_parallel_size=2), "data parallel"),
+    (dict(scheduler_cls="my.Scheduler"), "scheduler-cls"),
+])
+def test_full_mode_falls_back_to_input_only_where_unsupported(kw, reason, caplog):
+    from hieravid_vllm import vllm_patches
+    from hieravid_vllm.options import ServingOptions
+
+    opts = ServingOptions.from_dict({"budget": 0.3})
+    assert opts.config.mode == "full"
+    args = _engine_args(**kw)
+    with caplog.at_level("WARNING", logger="vllm.hieravid_vllm"):
+        out = vllm_patches.configure_stages(args, opts)
+    assert out.config.mode == "input_only" and out.config.budget == 0.3
+    assert reason in caplog.text
+    assert args.scheduler_cls == kw.get("scheduler_cls")  # scheduler untouched
+
+
+def test_full_mode_installs_the_scheduler():
+    from hieravid_vllm import vllm_patches
+    from hieravid_vllm.options import ServingOptions
+
+    args = _engine_args()
+    out = vllm_patches.configure_stages(args, ServingOptions.from_dict({"budget": 0.3}))
+    assert out.config.mode == "full"
+    assert args.scheduler_cls == vllm_patches.SCHEDULER_CLS == \
+        f"{hsched.HieraVidScheduler.__module__}.{hsched.HieraVidScheduler.__name__}"
+    assert args.async_scheduling is False
+
+
+def test_compacted_tokens_matches_token_simulation():
+    rng = random.Random(7)
+    for _ in range(200):
+        spans, pos, surv_len = [], rng.randint(0, 10), 0
+        videos = []
+        for k in range(rng.randint(1, 3)):
+            counts = _random_counts(rng, 4)
+            videos.append(_video(pos, counts, 0, f"v{k}"))
+            spans.append((pos, tuple(counts)))
+            pos += counts[0] + rng.randint(0, 8)
+        total = pos + 10
+        surv = _survivors(rng, videos, total, 4)
+        for n in range(total + 1):
+            # never inside a video at a step end, except the positions the scheduler allows
+            for g in range(4):
+                if any(v.offset < n < v.visual_end for v in videos):
+                    continue
+                assert hsched.compacted_tokens(spans, g, n) == int(surv[g, :n].sum())

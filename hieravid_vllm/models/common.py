@@ -89,6 +89,28 @@ def stage_schedule(cfg: HieraVidConfig, num_frames: int, tokens_per_frame: int,
                            int(num_layers))
 
 
+def video_item_grid(hf_config: Any, data: Any) -> tuple[int, int, int]:
+    """(frames, tokens per frame, placeholder tokens never pruned) of one video item's
+    multimodal inputs (worker and engine-core side; the grid alone fixes every count)."""
+    if "video_grid_thw" in data:  # Qwen2-VL family: (t, h, w) patches, 2x2 merge
+        t, h, w = (int(x) for x in data["video_grid_thw"].data)
+        m = hf_config.vision_config.spatial_merge_size
+        return t, (h // m) * (w // m), 0
+    frames = int(data["pixel_values_videos"].data.shape[0])  # LLaVA-OneVision
+    vc = hf_config.vision_config
+    side = int(np.ceil((vc.image_size // vc.patch_size) / 2))
+    return frames, side * side, 1  # + the newline token
+
+
+def video_item_config(opts: ServingOptions, data: Any) -> HieraVidConfig:
+    """The config one video item is pruned with (its per-item budget when present)."""
+    field = data.get(BUDGET_FIELD) if hasattr(data, "get") else None
+    if field is None:
+        return effective_config(opts)
+    (budget,) = decode_budgets(field.data)
+    return effective_config(opts.with_budget(budget))
+
+
 def kept_count(cfg: HieraVidConfig, num_frames: int, tokens_per_frame: int, num_layers: int) -> int:
     """Visual tokens of one video entering the LLM (exact; depends on the grid, not content)."""
     return _kept_count(cfg.model_dump_json(), int(num_frames), int(tokens_per_frame),

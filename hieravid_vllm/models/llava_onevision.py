@@ -67,8 +67,3 @@ class HieraVidLlavaOnevisionForConditionalGeneration(HieraVidStagesMixin,
                 row.hieravid_layout = (res.segment_ids, res.num_segments, res.kept_indices)
                 out += (row,)
         return out
-
-    def _hieravid_video_grid(self, data):
-        frames = int(data["pixel_values_videos"].data.shape[0])
-        side = self._pooled_side()
-        return frames, side * side, 1  # + the newline token, never pruned

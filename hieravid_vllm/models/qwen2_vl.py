@@ -76,10 +76,6 @@ class HieraVidQwenModelMixin(HieraVidMRoPEMixin, HieraVidStagesMixin):
                 out += (row,)
         return out
 
-    def _hieravid_video_grid(self, data):
-        t, h, w = (int(x) for x in data["video_grid_thw"].data)
-        m = self.config.vision_config.spatial_merge_size
-        return t, (h // m) * (w // m), 0
 
 
 @MULTIMODAL_REGISTRY.register_processor(HieraVidQwen2VLMultiModalProcessor,

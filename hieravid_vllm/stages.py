@@ -102,13 +102,6 @@ class StepPlan:
     selecting: bool                       # any request selects in this step
     stage_rows: List[int] = field(default_factory=list)  # unpadded rows per stage
 
-    def stage_of_layer(self, layer_idx: int) -> int:
-        g = 0
-        for i, b in enumerate(self.boundaries):
-            if layer_idx >= b:
-                g = i
-        return g
-
 
 def _dropped_before(videos: Sequence[VideoSpan], p: int, g: int) -> int:
     return sum(v.dropped(g) for v in videos if v.end <= p)
@@ -261,8 +254,8 @@ def _kernel_ops():
 
 
 def _select_rows(plan: StepPlan, g: int, stream: torch.Tensor, seq_pos: torch.Tensor,
-                 req_of_row: torch.Tensor, seg_state: Dict[tuple, torch.Tensor],
-                 layouts: Dict[str, Any], kept_log: Optional[dict]) -> torch.Tensor:
+                 req_of_row: torch.Tensor, seg_state: Dict[tuple, tuple],
+                 kept_log: Optional[dict]) -> torch.Tensor:
     """Row indices (into the current rows) that stage ``g`` keeps, in order."""
     keep_parts = []
     n_rows = stream.shape[0]
@@ -299,8 +292,9 @@ def _select_rows(plan: StepPlan, g: int, stream: torch.Tensor, seq_pos: torch.Te
                     "use_dpp": bool(v.uses_dpp[g]),
                     "config": v.config.model_dump(mode="json")})
         keep_parts.append(rows[keep_mask])
-    if n_rows > plan.num_tokens_current:
-        keep_parts.append(rows_all[plan.num_tokens_current:])
+    n_real = plan.stage_rows[g - 1]  # rows after these are CUDA-graph padding: kept as is
+    if n_rows > n_real:
+        keep_parts.append(rows_all[n_real:])
     return torch.cat(keep_parts) if keep_parts else rows_all
 
 
@@ -329,7 +323,6 @@ def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
         for vi, v in enumerate(r.selecting):
             seg, nseg = layouts[v.mm_hash]
             seg_state[(r.index, vi)] = (seg, nseg)
-    plan.num_tokens_current = plan.num_tokens
     boundaries = set(plan.boundaries[1:])
     g = 0
     for idx, layer in enumerate(text_model.layers[text_model.start_layer:text_model.end_layer],
@@ -337,8 +330,7 @@ def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
         if idx in boundaries:
             g += 1
             stream = hidden if residual is None else hidden + residual
-            keep = _select_rows(plan, g, stream, seq_pos, req_of_row, seg_state, layouts,
-                                kept_log)
+            keep = _select_rows(plan, g, stream, seq_pos, req_of_row, seg_state, kept_log)
             hidden = hidden[keep]
             if residual is not None:
                 residual = residual[keep]
@@ -346,7 +338,6 @@ def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
             seq_pos = seq_pos[keep]
             req_of_row = req_of_row[keep]
             orig_rows = orig_rows[keep]
-            plan.num_tokens_current = plan.stage_rows[g]
         hidden, residual = layer(positions, hidden, residual)
     hidden, _ = text_model.norm(hidden, residual)
     out = hidden.new_zeros((n_total, hidden.shape[-1]))

@@ -25,6 +25,8 @@ from typing import Any, List, Optional
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from hieravid_vllm.stages import compacted_tokens
+
 logger = logging.getLogger("vllm.hieravid_vllm")
 
 
@@ -73,17 +75,6 @@ def request_stage_spans(request, hf_config) -> List[tuple]:
         counts, _uses = stage_schedule(video_item_config(opts, f.data), frames, per_frame, L)
         spans.append((int(f.mm_position.offset), tuple(counts)))
     return sorted(spans)
-
-
-def compacted_tokens(spans, g: int, n: int) -> int:
-    """Slots stage ``g`` needs for the first ``n`` tokens of a request (dropped visual tokens
-    of stage ``g`` take none)."""
-    c = n
-    for off, counts in spans:
-        if n <= off:
-            break
-        c -= max(0, min(n - off, counts[0]) - counts[g])
-    return c
 
 
 def _wrap_stage_manager(manager, g: int, spans_of) -> None:

@@ -77,8 +77,6 @@ class VideoSpan:
     def end(self) -> int:
         return self.offset + self.length
 
-    def dropped(self, g: int) -> int:
-        return self.counts[0] - self.counts[g]
 
 
 @dataclass
@@ -103,8 +101,17 @@ class StepPlan:
     stage_rows: List[int] = field(default_factory=list)  # unpadded rows per stage
 
 
-def _dropped_before(videos: Sequence[VideoSpan], p: int, g: int) -> int:
-    return sum(v.dropped(g) for v in videos if v.end <= p)
+def compacted_tokens(spans, g: int, n: int) -> int:
+    """Slots stage ``g`` needs for the first ``n`` tokens of a request: ``n`` minus the
+    visual tokens dropped before stage ``g`` among them. ``spans``: (offset, counts per
+    stage) of the request's videos in order (shared by the worker's plan and the scheduler's
+    KV allocation, so both count alike)."""
+    c = n
+    for off, counts in spans:
+        if n <= off:
+            break
+        c -= max(0, min(n - off, counts[0]) - counts[g])
+    return c
 
 
 def plan_requests(reqs: List[_ReqPlan], num_stages: int):
@@ -128,9 +135,10 @@ def plan_requests(reqs: List[_ReqPlan], num_stages: int):
         if r.selecting and e < r.num_prompt:
             raise RuntimeError("HieraVid: the last prompt token must be in the step that "
                                "prefills the video")
+        spans = [(v.offset, v.counts) for v in r.videos]
         for g in range(num_stages):
-            nc[g, i] = s - _dropped_before(r.videos, s, g)
-            q[g, i] = r.num_tokens - sum(v.dropped(g) for v in r.selecting)
+            nc[g, i] = compacted_tokens(spans, g, s)
+            q[g, i] = compacted_tokens(spans, g, e) - nc[g, i]
     return q, nc
 
 
@@ -147,6 +155,8 @@ def _slot_mapping(block_table: np.ndarray, block_size: int, nc: np.ndarray, q: n
 
 
 def stage_layer_names(layer_names, boundaries: Sequence[int]) -> Dict[int, List[str]]:
+    """Attention layer names by the stage of their decoder layer (``...layers.<i>....``);
+    names without a layer index are left out."""
     by_stage: Dict[int, List[str]] = {}
     for name in layer_names:
         m = _LAYER_RE.search(name)
@@ -198,9 +208,16 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
     any_layer = next(iter(attn_metadata))
     padded_rows = int(slot_by_layer[any_layer].shape[0]) if slot_by_layer else num_tokens
     device = runner.device
-    names_by_stage = stage_layer_names(attn_metadata.keys(), boundaries)
+    names_by_stage = getattr(model, "_hieravid_names_by_stage", None)
+    if names_by_stage is None:  # layer names never change: grouped once per model
+        names_by_stage = {g: set(n) for g, n in
+                          stage_layer_names(attn_metadata.keys(), boundaries).items()}
+        model._hieravid_names_by_stage = names_by_stage
+    is_prefilling = torch.from_numpy(nc[0] < np.asarray([r.num_prompt for r in reqs]))
+    from vllm.v1.attention.backend import CommonAttentionMetadata  # worker only
+
     for g in range(1, S):
-        names = set(names_by_stage.get(g, []))
+        names = names_by_stage.get(g, ())
         if not names:
             continue
         gid = g if per_stage_groups else 0
@@ -213,8 +230,6 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
         qsl_g = np.zeros(num_reqs + 1, dtype=np.int32)
         qsl_g[1:] = np.cumsum(q[g])
         seq_g = (nc[g] + q[g]).astype(np.int32)
-        from vllm.v1.attention.backend import CommonAttentionMetadata  # worker only
-
         slot_t = torch.from_numpy(slots).to(device)
         cm = CommonAttentionMetadata(
             query_start_loc=torch.from_numpy(qsl_g).to(device),
@@ -228,8 +243,7 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
             block_table_tensor=block_table_dev,
             slot_mapping=slot_t,
             causal=True,
-            is_prefilling=torch.from_numpy(nc[0] < np.asarray(
-                [r.num_prompt for r in reqs])),
+            is_prefilling=is_prefilling,
         )
         for attn_group in runner.attn_groups[gid]:
             group_names = [n for n in attn_group.layer_names if n in names]

@@ -357,7 +357,8 @@ def stage_kv_groups(vllm_config, kv_cache_spec) -> Optional[list]:
     off or not in full mode, non-uniform specs, stages of unequal depth: vLLM shares each
     KV tensor between one layer of every group, so groups need equal layer counts)."""
     import os
-    import re
+
+    from hieravid_vllm.stages import stage_layer_names
 
     if os.environ.get(KV_GROUPS_ENV, "1") == "0":
         return None
@@ -370,14 +371,9 @@ def stage_kv_groups(vllm_config, kv_cache_spec) -> Optional[list]:
         return None
     text = getattr(hf_config, "text_config", None) or hf_config
     bounds = list(cfg.stage_boundaries(int(text.num_hidden_layers)))
-    groups: list = [[] for _ in bounds]
-    for name in kv_cache_spec:
-        m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-        if m is None:
-            return None
-        idx = int(m.group(1))
-        groups[max(i for i, b in enumerate(bounds) if idx >= b)].append(name)
-    if len(groups) < 2 or len({len(g) for g in groups}) != 1:
+    by_stage = stage_layer_names(kv_cache_spec, bounds)
+    groups = [by_stage.get(g, []) for g in range(len(bounds))]
+    if sum(map(len, groups)) != len(kv_cache_spec) or len(groups) < 2 or len({len(g) for g in groups}) != 1:
         return None
     return groups
 

@@ -23,7 +23,6 @@ import os
 import random
 import socket
 import time
-import urllib.request
 
 import httpx
 import pytest
@@ -99,7 +98,7 @@ def server(tmp_path_factory, debug_dir):
 # ------------------------------------------------------------------------------------------
 def _metrics(server) -> dict[str, float]:
     """Sum of every sample of each metric family (labels dropped)."""
-    text = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
+    text = server.metrics_text()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -110,7 +109,7 @@ def _metrics(server) -> dict[str, float]:
 
 
 def _metric_by_label(server, name: str, label: str) -> dict[str, float]:
-    text = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
+    text = server.metrics_text()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(name + "{") and f'{label}="' in line:

@@ -15,7 +15,6 @@ operator did not allow it.
 from __future__ import annotations
 
 import os
-import urllib.request
 
 import openai
 import pytest
@@ -84,7 +83,7 @@ def test_recording_rank_and_directory(tmp_path, monkeypatch):
 
 # -------------------------------------------------------------------------------------------
 def _metric_lines(server) -> dict:
-    text = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
+    text = server.metrics_text()
     out = {}
     for line in text.splitlines():
         if line.startswith("hieravid_"):

@@ -15,7 +15,6 @@ is such a server); the start-up check of the flag pair is in ``test_plugin_optio
 """
 from __future__ import annotations
 
-import urllib.request
 
 import openai
 import pytest
@@ -93,7 +92,7 @@ def _kept(budget, t, per_frame):
 
 
 def _prefix_hits(server) -> float:
-    text = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
+    text = server.metrics_text()
     return sum(float(l.split()[-1]) for l in text.splitlines()
                if l.startswith("vllm:prefix_cache_hits_total"))
 

@@ -28,7 +28,7 @@ from hieravid_vllm.core.pipeline import prune_input_stage
 from hieravid_vllm.core.schedule import build_schedule
 from hieravid_vllm.testing.hf_reference import hf_video_prompt
 from hieravid_vllm.testing.models import build_tiny_model
-from hieravid_vllm.testing.server import VLLMServer
+from hieravid_vllm.testing.server import VLLMServer, chat_messages
 from hieravid_vllm.testing.video import read_video_frames, video_data_url, write_scene_video
 
 pytestmark = pytest.mark.vllm
@@ -53,24 +53,13 @@ def videos(tmp_path_factory):
 
 
 def _video_msg(path, question):
-    return [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": video_data_url(path)}},
-        {"type": "text", "text": question}]}]
+    return chat_messages(question, video_data_url(path))
 
 
 def _chat(server, messages, max_tokens=8):
     r = server.client().chat.completions.create(
         model=server.model_name, messages=messages, max_tokens=max_tokens, temperature=0.0)
     return r.choices[0].message.content, r.usage.prompt_tokens
-
-
-def _metric(server, name) -> float:
-    import urllib.request
-
-    text = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
-    vals = [float(l.split()[-1]) for l in text.splitlines() if l.startswith(name)]
-    assert vals, f"{name} not in /metrics"
-    return sum(vals)
 
 
 def _kept(cfg: HieraVidConfig, frames: int, per_frame: int, layers: int) -> int:
@@ -175,7 +164,7 @@ class TestQwen25Pruned:
         def run(job):
             kind, key, q = job
             msgs = _video_msg(videos[key], q) if kind == "video" else \
-                [{"role": "user", "content": q}]
+                chat_messages(q)
             return _chat(server, msgs)
 
         for job in jobs:
@@ -189,9 +178,9 @@ class TestQwen25Pruned:
     def test_prefix_cached_second_question(self, server, videos):
         # first question warms the prefix cache, the second reuses the video's blocks
         first = _chat(server, _video_msg(videos["a"], QUESTIONS[0]))
-        hits0 = _metric(server, "vllm:prefix_cache_hits_total")
+        hits0 = server.metric("vllm:prefix_cache_hits_total")
         second = _chat(server, _video_msg(videos["a"], QUESTIONS[1]))
-        hits = _metric(server, "vllm:prefix_cache_hits_total") - hits0
+        hits = server.metric("vllm:prefix_cache_hits_total") - hits0
         frames = read_video_frames(videos["a"])
         t, per_frame = (frames.shape[0] + 1) // 2, (frames.shape[1] // 28) ** 2
         # the whole video (and the text before it) came from the cache
@@ -199,8 +188,8 @@ class TestQwen25Pruned:
         RESULTS["qwen25_prefix"] = {"first": first, "second": second}
 
     def test_metrics_exported(self, server):
-        before = _metric(server, "hieravid_visual_tokens_before_total")
-        after = _metric(server, "hieravid_visual_tokens_after_total")
+        before = server.metric("hieravid_visual_tokens_before_total")
+        after = server.metric("hieravid_visual_tokens_after_total")
         assert 0 < after < before
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
-import urllib.request
 
 import numpy as np
 import openai
@@ -29,7 +28,7 @@ from hieravid_vllm.core.pipeline import select_layer_stage
 from hieravid_vllm.reference import HieraVidReference
 from hieravid_vllm.stages import STAGES_DUMP_PREFIX
 from hieravid_vllm.testing.models import build_tiny_model
-from hieravid_vllm.testing.server import VLLMServer
+from hieravid_vllm.testing.server import VLLMServer, chat_messages
 from hieravid_vllm.testing.video import read_video_frames, video_data_url, write_scene_video
 
 pytestmark = pytest.mark.vllm
@@ -51,9 +50,7 @@ def videos(tmp_path_factory):
 
 
 def _msg(path, question):
-    return [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": video_data_url(path)}},
-        {"type": "text", "text": question}]}]
+    return chat_messages(question, video_data_url(path))
 
 
 def _chat(server, messages, max_tokens=8, **extra):
@@ -66,13 +63,6 @@ def _chat(server, messages, max_tokens=8, **extra):
 def _answer(server, messages, max_tokens=8):
     r = _chat(server, messages, max_tokens)
     return r.choices[0].message.content, r.usage.prompt_tokens
-
-
-def _metric(server, name) -> float:
-    text = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
-    vals = [float(l.split()[-1]) for l in text.splitlines() if l.startswith(name)]
-    assert vals, f"{name} not in /metrics"
-    return sum(vals)
 
 
 def _stage_dumps(debug_dir):
@@ -206,7 +196,7 @@ class TestQwen25Stages:
 
         def run(job):
             kind, key, q = job
-            msgs = _msg(videos[key], q) if kind == "video" else [{"role": "user", "content": q}]
+            msgs = chat_messages(q, video_data_url(videos[key]) if kind == "video" else None)
             return _answer(server, msgs, max_tokens=12)
 
         alone = {job: run(job) for job in jobs}
@@ -216,10 +206,10 @@ class TestQwen25Stages:
             assert got == alone[job], job
         # asked again: the text before the video may come from the prefix cache, the video
         # part (question-dependent in later stages) is recomputed -- same answers
-        hits0 = _metric(server, "vllm:prefix_cache_hits_total")
+        hits0 = server.metric("vllm:prefix_cache_hits_total")
         again = [run(job) for job in jobs if job[0] == "video"]
         assert again == [alone[job] for job in jobs if job[0] == "video"]
-        assert _metric(server, "vllm:prefix_cache_hits_total") >= hits0
+        assert server.metric("vllm:prefix_cache_hits_total") >= hits0
         RESULTS["alone"] = alone
 
     def test_prompt_too_long_for_one_step_is_400(self, server, videos, tmp_path):
@@ -253,15 +243,15 @@ class TestQwen25Preemption:
 
         def run(job):
             kind, key, q = job
-            msgs = _msg(videos[key], q) if kind == "video" else [{"role": "user", "content": q}]
+            msgs = chat_messages(q, video_data_url(videos[key]) if kind == "video" else None)
             r = _chat(server, msgs, max_tokens=200, extra_body={"ignore_eos": True})
             return r.choices[0].message.content, r.usage.prompt_tokens
 
         alone = {job: run(job) for job in jobs}
-        p0 = _metric(server, "vllm:num_preemptions_total")
+        p0 = server.metric("vllm:num_preemptions_total")
         with cf.ThreadPoolExecutor(8) as ex:
             got = list(ex.map(run, jobs + jobs))
-        assert _metric(server, "vllm:num_preemptions_total") > p0, "no preemption happened"
+        assert server.metric("vllm:num_preemptions_total") > p0, "no preemption happened"
         for job, g in zip(jobs + jobs, got):
             assert g == alone[job], job
         # the first answers agree with the server with a large KV cache (first class)

@@ -157,6 +157,19 @@ class VLLMServer:
     def command(self) -> list[str]:
         return [self.python, "-m", "vllm.entrypoints.openai.api_server", *self.args]
 
+    def metrics_text(self) -> str:
+        """The server's Prometheus exposition (``GET /metrics``)."""
+        return urllib.request.urlopen(self.url + "/metrics", timeout=30).read().decode()
+
+    def metric(self, name: str) -> float:
+        """Sum over every sample of the metric family ``name`` (labels ignored); a missing
+        family is an error."""
+        vals = [float(l.rsplit(" ", 1)[-1]) for l in self.metrics_text().splitlines()
+                if l.startswith(name) and l[len(name):len(name) + 1] in ("{", " ")]
+        if not vals:
+            raise KeyError(f"{name} not in /metrics")
+        return sum(vals)
+
     def client(self, **kwargs):
         """An ``openai.OpenAI`` client bound to this server."""
         import openai
@@ -268,14 +281,21 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
+def chat_messages(question: str, video_url: str | None = None) -> list[dict]:
+    """One user turn: ``[video_url, text]`` parts, or plain text without a video."""
+    if video_url is None:
+        return [{"role": "user", "content": question}]
+    return [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": video_url}},
+        {"type": "text", "text": question},
+    ]}]
+
+
 def video_chat(server: VLLMServer, video_url: str, question: str = "Describe the video.",
                max_tokens: int = 16, temperature: float = 0.0, **kwargs):
     """Send one ``[video_url, text]`` user turn through the official ``openai`` client and
     return the ``ChatCompletion`` (``.usage.prompt_tokens``, ``.choices[0].message``)."""
-    messages = [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": video_url}},
-        {"type": "text", "text": question},
-    ]}]
+    messages = chat_messages(question, video_url)
     return server.client().chat.completions.create(
         model=server.model_name, messages=messages, max_tokens=max_tokens,
         temperature=temperature, **kwargs)

@@ -44,7 +44,7 @@ def measure(model: str, arch: str, video: str, hv: dict | None, requests: int, k
     kw = dict(dtype="float32", max_model_len=max_model_len, enforce_eager=True,
               enable_prefix_caching=False, kv_cache_memory_bytes=kv_bytes,
               block_size=block_size, max_num_seqs=256, max_num_batched_tokens=65536,
-              gpu_memory_utilization=0.1, limit_mm_per_prompt={"video": 1},
+              limit_mm_per_prompt={"video": 1},
               disable_log_stats=True)
     if arch != "llava_onevision":
         kw["media_io_kwargs"] = {"video": {"fps": fps}}

@@ -36,9 +36,12 @@ def _run_config(model: str, arch: str, video: str, hv: dict | None, reps: int,
     try:
         from vllm import LLM, SamplingParams
 
+        from hieravid_vllm.testing.server import kv_cache_bytes
         from hieravid_vllm.testing.video import video_data_url
 
-        kw = dict(dtype="float32", max_model_len=max_len, gpu_memory_utilization=0.2,
+        # KV in bytes (one prompt of max_len, twice over), never a share of the machine
+        kw = dict(dtype="float32", max_model_len=max_len,
+                  kv_cache_memory_bytes=kv_cache_bytes(model, 2 * max_len),
                   enforce_eager=True, enable_prefix_caching=False,
                   max_num_batched_tokens=max_len, limit_mm_per_prompt={"video": 1},
                   disable_log_stats=True)

@@ -72,6 +72,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from hieravid_vllm.testing.server import root_cause
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
@@ -617,30 +619,6 @@ def run_config(cfg: BenchConfig, args, videos_by_level: dict[int, list[VideoItem
     return entry
 
 
-_ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception)): (.+)$")
-_GENERIC = ("initialization failed", "See root cause", "See stack trace", "Connection error")
-
-
-def root_cause(message: str, log_path: Path | None = None) -> str:
-    """The first specific ``SomethingError: ...`` line of the server log (vLLM buries the
-    cause of a failed start under generic 'initialization failed' errors), else the
-    message's first line."""
-    texts = []
-    if log_path is not None:
-        try:
-            texts.append(Path(log_path).read_text(errors="replace"))
-        except OSError:
-            pass
-    texts.append(message)
-    for text in texts:
-        for line in text.splitlines():
-            m = _ERROR_LINE.search(line)
-            if m and not any(g in m.group(2) for g in _GENERIC) and \
-                    "ulimit" not in line and "WARNING" not in line:
-                return f"{m.group(1)}: {m.group(2)}"[:400]
-    return (message.strip().splitlines() or [""])[0][:400]
-
-
 def _start_with_retries(server, retries: int, name: str, progress: Progress,
                         log_path: Path, wait: float = 30.0) -> int:
     """Start the server; a failed start (e.g. not enough free memory for the KV cache while
@@ -965,9 +943,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="vLLM --max-num-seqs (default: vLLM's)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV cache of every server in bytes (default on CPU: room for 4 prompts "
+                        "of max(--max-model-len, --max-num-batched-tokens) tokens of the "
+                        "model's KV spec; the same on every machine whatever its NUMA layout)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="default: 0.1 on CPU (share of host memory reserved for the KV cache; "
-                        "vLLM checks it against free memory), 0.85 on GPU")
+                   help="GPU only: share of GPU memory (default 0.85 unless "
+                        "--kv-cache-memory-bytes); refused on CPU, where vLLM measures it "
+                        "against one NUMA node minus the worker's RSS")
     p.add_argument("--start-retries", type=int, default=2,
                    help="retries of a failed server start (30 s apart)")
     p.add_argument("--server-arg", action="append", default=[],
@@ -1076,13 +1059,14 @@ def _main(args, argv, server_factory) -> dict:
                           log_path=log_path, video_fps=args.fps,
                           max_model_len=args.max_model_len,
                           max_num_batched_tokens=args.max_num_batched_tokens,
-                          gpu_memory_utilization=gpu_mem,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           startup_timeout=args.startup_timeout,
                           served_model_name="bench-model")
 
-    gpu_mem = args.gpu_memory_utilization
-    if gpu_mem is None and not _cuda():
-        gpu_mem = 0.1
+    if args.gpu_memory_utilization is not None and not _cuda():
+        raise SystemExit("--gpu-memory-utilization needs a GPU; on CPU size the KV cache with "
+                         "--kv-cache-memory-bytes")
     factory = server_factory or default_factory
     sample_server = factory(BenchConfig("probe", "unpruned", 1.0), {}, log_dir / "probe.log")
     server_args, skip = [], 0

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hieravid_vllm.core import HieraVidConfig
-from hieravid_vllm.core.schedule import build_schedule
+from hieravid_vllm.testing.expect import expected_kept
 from hieravid_vllm.testing.hf_reference import hf_video_prompt
 from hieravid_vllm.testing.models import build_tiny_model
 
@@ -30,7 +29,6 @@ pytestmark = pytest.mark.vllm
 
 REPO = Path(__file__).resolve().parent.parent
 BUDGET = 0.3
-LAYERS = 4  # tiny preset
 
 
 def _load_serve():
@@ -120,9 +118,7 @@ def test_prompt_tokens_match_independent_counts(bench):
         t = (v["num_frames"] + 1) // 2  # temporal patch 2
         per_frame = (v["height"] // 28) * (v["width"] // 28)
         assert t * per_frame == ref.video_tokens
-        cfg = HieraVidConfig(budget=BUDGET, mode=hv_cfg["mode_ran"])
-        kept = build_schedule(cfg, t * per_frame, LAYERS,
-                              max_merge=(t - 1) * per_frame).input_target
+        kept = expected_kept(t, per_frame, BUDGET, mode=hv_cfg["mode_ran"])
         assert hv[idx] == ref.text_tokens + kept < n_unpruned
         evs_kept = max(per_frame, math.floor(t * per_frame * (1 - (1 - BUDGET))))
         assert evs[idx] == ref.text_tokens + evs_kept < n_unpruned

@@ -31,20 +31,17 @@ import numpy as np
 import pytest
 import torch
 
-from hieravid_vllm.core import HieraVidConfig
-from hieravid_vllm.core.pipeline import prune_input_stage
-from hieravid_vllm.core.schedule import build_schedule
 from hieravid_vllm.testing.hf_reference import hf_video_prompt
-from hieravid_vllm.testing.models import build_tiny_model
-from hieravid_vllm.testing.server import VLLMServer, free_port
+from hieravid_vllm.testing.expect import (assert_input_dumps_match_core, expected_kept,
+                                          input_dumps, qwen_video_grid)
+from hieravid_vllm.testing.server import free_port
 from hieravid_vllm.testing.video import (read_video_frames, video_data_url,
-                                         write_scene_video, write_single_frame_video)
+                                         write_single_frame_video)
 
 pytestmark = pytest.mark.vllm
 
 FPS = 8
 BUDGET = 0.3
-LAYERS = 4  # tiny model's LLM depth
 MAX_PIXELS = 224 * 224
 MAX_FRAMES = 16
 FETCH_TIMEOUT = 3
@@ -55,24 +52,14 @@ QUESTION = "What happens in this video?"
 # fixtures
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model():
-    return build_tiny_model("qwen2_5_vl")
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hardening-videos")
-    out = {
-        "good": write_scene_video(d / "good.mp4", num_frames=8, width=56, height=56, fps=FPS,
-                                  num_scenes=2, seed=1).path,
-        "other": write_scene_video(d / "other.mp4", num_frames=12, width=84, height=56,
-                                   fps=FPS, num_scenes=2, seed=2).path,
-        "long": write_scene_video(d / "long.mp4", num_frames=64, width=56, height=56, fps=FPS,
-                                  num_scenes=4, seed=3).path,
-        "big": write_scene_video(d / "big.mp4", num_frames=4, width=448, height=448, fps=FPS,
-                                 num_scenes=1, seed=4).path,
-        "one": write_single_frame_video(d / "one.mp4", width=56, height=56).path,
-    }
+def clips(make_videos, tmp_path_factory):
+    out = make_videos({
+        "good": dict(num_frames=8, width=56, height=56, num_scenes=2, seed=1),
+        "other": dict(num_frames=12, width=84, height=56, num_scenes=2, seed=2),
+        "long": dict(num_frames=64, width=56, height=56, num_scenes=4, seed=3),
+        "big": dict(num_frames=4, width=448, height=448, num_scenes=1, seed=4)})
+    d = tmp_path_factory.mktemp("hardening-media")
+    out["one"] = write_single_frame_video(d / "one.mp4", width=56, height=56).path
     import cv2
 
     zero = d / "zero.mp4"  # a valid mp4 container with no frame in it
@@ -86,23 +73,15 @@ def clips(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def debug_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("hardening-debug")
-
-
-@pytest.fixture(scope="module")
-def server(model, debug_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "hardening-input.log"
-    s = VLLMServer(model, extra_args=[
+def server(model, debug_dir, start_server):
+    s = start_server(model, "hardening-input", [
         "--hieravid-budget", str(BUDGET), "--hieravid-mode", "input_only",
         "--limit-mm-per-prompt", '{"video": 2, "image": 1}'],
-        video_fps=FPS, media_io_kwargs={"video": {"max_frames": MAX_FRAMES}},
-        max_model_len=4096, log_path=log, gpu_memory_utilization=0.05,
+        media_io_kwargs={"video": {"max_frames": MAX_FRAMES}},
         env={"HIERAVID_DEBUG_DIR": str(debug_dir),
              "VLLM_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
              "VLLM_VIDEO_FETCH_TIMEOUT": str(FETCH_TIMEOUT),
              "VLLM_MEDIA_FETCH_MAX_RETRIES": "1"})
-    s.start()
     yield s
     s.stop()
 
@@ -128,20 +107,13 @@ def _post(server, content, max_tokens=4, timeout=120.0):
 
 
 def _kept(t: int, per_frame: int) -> int:
-    """Visual tokens one video keeps (the schedule's input-stage count, input_only mode)."""
-    cfg = HieraVidConfig(budget=BUDGET, mode="input_only")
-    return build_schedule(cfg, t * per_frame, LAYERS, max_merge=(t - 1) * per_frame).input_target
-
-
-def _grid(frames: np.ndarray) -> tuple[int, int]:
-    """(temporal patches, merged tokens per frame) of decoded frames already multiple of 28."""
-    return (frames.shape[0] + 1) // 2, (frames.shape[1] // 28) * (frames.shape[2] // 28)
+    return expected_kept(t, per_frame, BUDGET, mode="input_only")
 
 
 def _expected_good(model, clips) -> int:
     frames = read_video_frames(clips["good"])
     hf = hf_video_prompt(model, frames, QUESTION)
-    return hf.text_tokens + _kept(*_grid(frames))
+    return hf.text_tokens + _kept(*qwen_video_grid(frames))
 
 
 def _assert_good_request_served(server, model, clips):
@@ -176,12 +148,11 @@ def _hf_multi_media_tokens(model, content_types, videos, images):
 
 
 def _new_dumps(debug_dir, before: set) -> list[dict]:
-    paths = sorted(p for p in debug_dir.glob("*.pt") if p.name not in before)
-    return [torch.load(p) for p in paths]
+    return input_dumps(debug_dir, exclude=before)
 
 
 def _dump_names(debug_dir) -> set:
-    return {p.name for p in debug_dir.glob("*.pt")}
+    return {p.name for p in debug_dir.glob("video-*.pt")}
 
 
 def _corrupt_cases(clips) -> dict[str, tuple[bytes, str, str]]:
@@ -289,7 +260,7 @@ def test_clip_over_frame_limit_is_sampled_down(server, model, clips, debug_dir):
     # what vLLM's Qwen2-VL loader (and transformers) sample: 16 frames, uniformly
     sampled = frames[np.arange(0, 64, 64 / MAX_FRAMES).astype(int)]
     hf = hf_video_prompt(model, sampled, QUESTION)
-    t, per_frame = _grid(sampled)
+    t, per_frame = qwen_video_grid(sampled)
     assert t == MAX_FRAMES // 2
     assert body["usage"]["prompt_tokens"] == hf.text_tokens + _kept(t, per_frame)
     dumps = _new_dumps(debug_dir, before)
@@ -320,15 +291,12 @@ def test_two_videos_in_one_prompt(server, model, clips, debug_dir, tmp_path):
                                      {"type": "text", "text": QUESTION}])
     assert status == 200, body
     n_text, per_video, _ = _hf_multi_media_tokens(model, ["video", "video"], [fa, fb], [])
-    ga, gb = _grid(fa), _grid(fb)
+    ga, gb = qwen_video_grid(fa), qwen_video_grid(fb)
     assert per_video == [ga[0] * ga[1], gb[0] * gb[1]]
     assert body["usage"]["prompt_tokens"] == n_text + _kept(*ga) + _kept(*gb)
-    batched = _new_dumps(debug_dir, before)
+    # each video's selection is the core's on its own features
+    batched = assert_input_dumps_match_core(debug_dir, 2, exclude=before)
     assert [tuple(d["features"].shape[:3]) for d in batched] == [(ga[0], 2, 2), (gb[0], 2, 3)]
-    for d in batched:  # each video's selection is the core's on its own features
-        cfg = HieraVidConfig.model_validate(d["config"])
-        ref = prune_input_stage(d["features"], None, cfg, num_layers=d["num_layers"])
-        assert torch.equal(ref.kept_indices, d["kept_indices"])
 
     # video "a" alone (fresh bytes again): same features and the same kept tokens as in the
     # two-video batch; the vision tower sees a different batch, the selection must not care
@@ -360,6 +328,6 @@ def test_video_and_image_in_one_prompt(server, model, clips, debug_dir, tmp_path
     n_text, per_video, n_image = _hf_multi_media_tokens(model, ["video", "image"], [fa],
                                                         [image])
     assert n_image == (56 // 28) * (84 // 28)  # images are never pruned
-    assert body["usage"]["prompt_tokens"] == n_text + _kept(*_grid(fa)) + n_image
+    assert body["usage"]["prompt_tokens"] == n_text + _kept(*qwen_video_grid(fa)) + n_image
     assert len(_new_dumps(debug_dir, before)) == 1  # only the video went through HieraVid
     _assert_good_request_served(server, model, clips)

@@ -27,13 +27,11 @@ import time
 import httpx
 import pytest
 
-from hieravid_vllm.testing.models import build_tiny_model
-from hieravid_vllm.testing.server import VLLMServer
-from hieravid_vllm.testing.video import video_data_url, write_scene_video
+from hieravid_vllm.testing.server import kv_cache_bytes
+from hieravid_vllm.testing.video import video_data_url
 
 pytestmark = pytest.mark.vllm
 
-FPS = 8
 MAX_TOKENS = 6
 CONCURRENCY = 16
 N_LOAD = 64
@@ -41,7 +39,7 @@ QUESTIONS = ["What happens in this video?", "Which colours do you see?"]
 TEXTS = ["Tell me a short story about a red ball.", "Name three shapes."]
 #: (frames, width, height) of the load clips: different lengths and sizes
 CLIPS = [(4, 56, 56), (8, 56, 56), (12, 84, 56), (16, 56, 84), (24, 56, 56), (32, 84, 84)]
-KV_CACHE_BYTES = 24 * 2**20
+KV_CACHE_TOKENS = 12288  # 24 MiB of the tiny model's KV (2 KiB per token)
 #: RSS of the worker grows during the first rounds and levels off (measured here, 1.5 s per
 #: round: +62, +48, +43, +43, +39, +26, +18 MiB; with MALLOC_ARENA_MAX=2 +60, +63, +49, +46,
 #: +47, +23, +16, +10, +7, +6, +12 MiB; vLLM without the plugin grows the same way), so
@@ -55,40 +53,30 @@ RSS_TOLERANCE = 32 * 2**20
 # fixtures
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("load-videos")
-    out = [write_scene_video(d / f"v{i}.mp4", num_frames=n, width=w, height=h, fps=FPS,
-                             num_scenes=min(3, n // 4), seed=10 + i).path
-           for i, (n, w, h) in enumerate(CLIPS)]
+def videos(make_videos):
+    specs = {i: dict(num_frames=n, width=w, height=h, num_scenes=min(3, n // 4), seed=10 + i)
+             for i, (n, w, h) in enumerate(CLIPS)}
     # long clip for the abort-during-prefill case: 64 x 144 = 9216 visual tokens before
     # pruning, ~4700 prompt tokens after, about 2 s of encoder + prefill in one engine step
-    out.append(write_scene_video(d / "long.mp4", num_frames=128, width=336, height=336,
-                                 fps=FPS, num_scenes=4, seed=99).path)
-    return out
+    specs["long"] = dict(num_frames=128, width=336, height=336, num_scenes=4, seed=99)
+    return list(make_videos(specs).values())
 
 
 @pytest.fixture(scope="module")
-def debug_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("load-debug")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, debug_dir):
-    log = tmp_path_factory.mktemp("logs") / "hardening-load.log"
-    s = VLLMServer(build_tiny_model("qwen2_5_vl"),
-                   extra_args=["--hieravid-budget", "0.3", "--max-num-seqs", str(CONCURRENCY),
-                               # every request prefills its prompt for real (in batches):
-                               # no answer comes from a cached prefix
-                               "--no-enable-prefix-caching",
-                               # a small KV cache (12288 tokens, 384 blocks): the warm-up
-                               # rounds touch every page of it, so later RSS growth is not
-                               # the KV cache being faulted in block by block
-                               "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)],
-                   video_fps=FPS, max_model_len=8192, log_path=log,
-                   # the worker writes a dump when it has pruned a video: the signal that
-                   # the engine is inside that request's prefill step
-                   env={"HIERAVID_DEBUG_DIR": str(debug_dir)})
-    s.start()
+def server(model, debug_dir, start_server):
+    s = start_server(model, "hardening-load",
+                     ["--hieravid-budget", "0.3", "--max-num-seqs", str(CONCURRENCY),
+                      # every request prefills its prompt for real (in batches): no answer
+                      # comes from a cached prefix
+                      "--no-enable-prefix-caching"],
+                     # a small KV cache (12288 tokens, 384 blocks): the warm-up rounds touch
+                     # every page of it, so later RSS growth is not the KV cache being
+                     # faulted in block by block
+                     kv_cache_memory_bytes=kv_cache_bytes(model, KV_CACHE_TOKENS),
+                     max_model_len=8192,
+                     # the worker writes a dump when it has pruned a video: the signal that
+                     # the engine is inside that request's prefill step
+                     env={"HIERAVID_DEBUG_DIR": str(debug_dir)})
     yield s
     s.stop()
 
@@ -219,7 +207,7 @@ def test_64_requests_at_concurrency_16_equal_alone_and_no_memory_growth(server, 
         mismatches = [(job, got, alone[job]) for job, got in zip(order, results)
                       if got != alone[job]]
         assert not mismatches, mismatches[:5]
-        m = _wait_idle(server)
+        _wait_idle(server)
         after = _finished(server)
         done = sum(after.values()) - sum(before.values())
         assert done == N_LOAD, (before, after)  # none lost, none counted twice

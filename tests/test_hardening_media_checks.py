@@ -15,8 +15,8 @@ import socket
 import numpy as np
 import pytest
 
-from hieravid_vllm.testing.video import (read_video_frames, write_scene_video,
-                                         write_single_frame_video, write_static_video)
+from hieravid_vllm.testing.video import (read_video_frames, write_single_frame_video,
+                                         write_static_video)
 
 BACKENDS = ["qwen2_vl", "opencv"]
 
@@ -35,21 +35,22 @@ def patched():
 
 
 @pytest.fixture(scope="module")
-def clips(tmp_path_factory):
+def clips(make_videos, tmp_path_factory):
     d = tmp_path_factory.mktemp("media-checks")
     import cv2
 
     ok, png = cv2.imencode(".png", np.zeros((32, 32, 3), np.uint8))
     assert ok
+    good = make_videos({"good": dict(num_frames=8, width=56, height=56, num_scenes=2,
+                                     seed=1)})["good"]
     return {
-        "good": write_scene_video(d / "good.mp4", num_frames=8, width=56, height=56, fps=8,
-                                  num_scenes=2, seed=1).path.read_bytes(),
+        "good": good.read_bytes(),
         "two": write_static_video(d / "two.mp4", num_frames=2, width=56, height=56).path
         .read_bytes(),
         "one": write_single_frame_video(d / "one.mp4", width=56, height=56).path.read_bytes(),
         "png": png.tobytes(),
         "text": b"not a video at all\n" * 10,
-        "good_path": d / "good.mp4",
+        "good_path": good,
     }
 
 

@@ -22,13 +22,9 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from hieravid_vllm import metrics
-from hieravid_vllm.core import HieraVidConfig
-from hieravid_vllm.core.schedule import build_schedule
-from hieravid_vllm.testing.models import build_tiny_model
-from hieravid_vllm.testing.server import VLLMServer
-from hieravid_vllm.testing.video import read_video_frames, video_data_url, write_scene_video
+from hieravid_vllm.testing.expect import expected_kept, qwen_video_grid
+from hieravid_vllm.testing.server import chat, video_messages
 
-FPS = 8.0
 BUDGET = 0.3
 
 
@@ -93,36 +89,27 @@ def _metric_lines(server) -> dict:
 
 
 def _chat(server, path, **extra):
-    r = server.client().chat.completions.create(
-        model=server.model_name, max_tokens=2, temperature=0.0, extra_body=extra or None,
-        messages=[{"role": "user", "content": [
-            {"type": "video_url", "video_url": {"url": video_data_url(path)}},
-            {"type": "text", "text": "What happens?"}]}])
-    return r.usage.prompt_tokens
+    return chat(server, video_messages(path, "What happens?"), max_tokens=2,
+                extra_body=extra or None).usage.prompt_tokens
 
 
 @pytest.mark.vllm
-def test_server_exports_prune_time_and_counts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("videos")
-    vids = [write_scene_video(d / f"v{i}.mp4", num_frames=n, width=w, height=h, fps=FPS,
-                              num_scenes=2, seed=10 + i).path
-            for i, (n, w, h) in enumerate([(16, 112, 112), (12, 140, 112), (16, 112, 168)])]
-    log = tmp_path_factory.mktemp("logs") / "metrics.log"
-    server = VLLMServer(build_tiny_model("qwen2_5_vl"), video_fps=FPS, log_path=log,
-                        max_model_len=4096,
-                        extra_args=["--hieravid-budget", str(BUDGET), "--hieravid-mode",
-                                    "input_only", "--trust-request-mm-kwargs"]).start()
+def test_server_exports_prune_time_and_counts(model, make_videos, start_server):
+    vids = list(make_videos({
+        i: dict(num_frames=n, width=w, height=h, num_scenes=2, seed=10 + i)
+        for i, (n, w, h) in enumerate([(16, 112, 112), (12, 140, 112), (16, 112, 168)])
+    }).values())
+    server = start_server(model, "metrics", ["--hieravid-budget", str(BUDGET),
+                                             "--hieravid-mode", "input_only",
+                                             "--trust-request-mm-kwargs"])
     try:
         assert metrics.PRUNE_SECONDS + "_count" not in _metric_lines(server)
         before = after = 0
         for path in vids:
             _chat(server, path)
-            f = read_video_frames(path)
-            t, per_frame = (f.shape[0] + 1) // 2, (f.shape[1] // 28) * (f.shape[2] // 28)
+            t, per_frame = qwen_video_grid(path)
             before += t * per_frame
-            after += build_schedule(HieraVidConfig(budget=BUDGET, mode="input_only"),
-                                    t * per_frame, 4,
-                                    max_merge=(t - 1) * per_frame).input_target
+            after += expected_kept(t, per_frame, BUDGET)
         m = _metric_lines(server)
         assert m["hieravid_prune_seconds_count"] == len(vids)
         assert m['hieravid_prune_seconds_bucket{le="+Inf"}'] == len(vids)

@@ -25,15 +25,15 @@ import torch
 
 from hieravid_vllm.core import HieraVidConfig
 from hieravid_vllm.core.pipeline import prune_input_stage
-from hieravid_vllm.core.schedule import build_schedule
+from hieravid_vllm.testing.expect import (assert_input_dumps_match_core, expected_kept,
+                                          qwen_video_grid)
 from hieravid_vllm.testing.hf_reference import hf_video_prompt
 from hieravid_vllm.testing.models import build_tiny_model
-from hieravid_vllm.testing.server import VLLMServer, chat_messages
-from hieravid_vllm.testing.video import read_video_frames, video_data_url, write_scene_video
+from hieravid_vllm.testing.server import answer, chat_messages, video_messages
+from hieravid_vllm.testing.video import read_video_frames
 
 pytestmark = pytest.mark.vllm
 
-FPS = 8.0
 BUDGET = 0.3
 # Two questions sharing a long common part after the video, so that a second question about
 # the same video is served with the whole video from the prefix cache (blocks of 32 tokens).
@@ -44,64 +44,20 @@ RESULTS: dict = {}
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("videos")
-    a = write_scene_video(d / "a.mp4", num_frames=32, width=112, height=112, fps=FPS, seed=1)
-    b = write_scene_video(d / "b.mp4", num_frames=16, width=112, height=140, fps=FPS,
-                          num_scenes=2, seed=2)
-    return {"a": a.path, "b": b.path}
+def videos(make_videos):
+    return make_videos({"a": dict(num_frames=32, width=112, height=112, seed=1),
+                        "b": dict(num_frames=16, width=112, height=140, num_scenes=2, seed=2)})
 
 
-def _video_msg(path, question):
-    return chat_messages(question, video_data_url(path))
-
-
-def _chat(server, messages, max_tokens=8):
-    r = server.client().chat.completions.create(
-        model=server.model_name, messages=messages, max_tokens=max_tokens, temperature=0.0)
-    return r.choices[0].message.content, r.usage.prompt_tokens
-
-
-def _kept(cfg: HieraVidConfig, frames: int, per_frame: int, layers: int) -> int:
-    cfg = cfg.model_copy(update={"mode": "input_only"})
-    return build_schedule(cfg, frames * per_frame, layers,
-                          max_merge=(frames - 1) * per_frame).input_target
-
-
-def _dumps(debug_dir):
-    return [torch.load(p) for p in sorted(debug_dir.glob("*.pt"))]
-
-
-def _check_dumps_match_core(debug_dir, n_expected):
-    dumps = _dumps(debug_dir)
-    assert len(dumps) >= n_expected
-    for d in dumps:
-        cfg = HieraVidConfig.model_validate(d["config"])
-        ref = prune_input_stage(d["features"], None, cfg, num_layers=d["num_layers"])
-        assert torch.equal(ref.kept_indices, d["kept_indices"])
-        assert ref.kept_indices.numel() == ref.schedule.input_target
-    return dumps
-
-
-def _start(model, tmp_path_factory, name, extra, env=None):
-    log = tmp_path_factory.mktemp("logs") / f"{name}.log"
-    return VLLMServer(model, extra_args=extra, video_fps=FPS, env=env, log_path=log,
-                      max_model_len=4096).start()
+def _kept(frames: np.ndarray) -> int:
+    return expected_kept(*qwen_video_grid(frames), BUDGET)
 
 
 # -------------------------------------------------------------------------------------------
 class TestQwen25Pruned:
     @pytest.fixture(scope="class")
-    def model(self):
-        return build_tiny_model("qwen2_5_vl")
-
-    @pytest.fixture(scope="class")
-    def debug_dir(self, tmp_path_factory):
-        return tmp_path_factory.mktemp("hv-debug")
-
-    @pytest.fixture(scope="class")
-    def server(self, model, debug_dir, tmp_path_factory):
-        s = _start(model, tmp_path_factory, "qwen25-pruned",
+    def server(self, model, debug_dir, start_server):
+        s = start_server(model, "qwen25-pruned",
                    ["--hieravid-budget", str(BUDGET), "--hieravid-mode", "input_only",
                     "--max-num-seqs", "16"],
                    env={"HIERAVID_DEBUG_DIR": str(debug_dir)})
@@ -112,12 +68,11 @@ class TestQwen25Pruned:
         for key in ("a", "b"):
             frames = read_video_frames(videos[key])
             hf = hf_video_prompt(model, frames, QUESTIONS[0])
-            t = (frames.shape[0] + 1) // 2
-            per_frame = (frames.shape[1] // 28) * (frames.shape[2] // 28)
+            t, per_frame = qwen_video_grid(frames)
             assert hf.video_tokens == t * per_frame
-            kept = _kept(HieraVidConfig(budget=BUDGET), t, per_frame, 4)
+            kept = _kept(frames)
             assert kept < hf.video_tokens
-            _, prompt_tokens = _chat(server, _video_msg(videos[key], QUESTIONS[0]))
+            _, prompt_tokens = answer(server, video_messages(videos[key], QUESTIONS[0]))
             assert prompt_tokens == hf.text_tokens + kept
 
     def test_kept_tokens_are_the_core_selection_on_hf_features(self, server, model, videos,
@@ -125,8 +80,8 @@ class TestQwen25Pruned:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
         # video "a" was served by the test above (vLLM's encoder cache serves repeats)
-        _chat(server, _video_msg(videos["a"], QUESTIONS[0]))
-        dumps = _check_dumps_match_core(debug_dir, 2)
+        answer(server, video_messages(videos["a"], QUESTIONS[0]))
+        dumps = assert_input_dumps_match_core(debug_dir, 2)
         # independent features: transformers' vision tower on the same decoded frames
         proc = AutoProcessor.from_pretrained(model)
         frames = read_video_frames(videos["a"])
@@ -163,9 +118,8 @@ class TestQwen25Pruned:
 
         def run(job):
             kind, key, q = job
-            msgs = _video_msg(videos[key], q) if kind == "video" else \
-                chat_messages(q)
-            return _chat(server, msgs)
+            msgs = video_messages(videos[key], q) if kind == "video" else chat_messages(q)
+            return answer(server, msgs)
 
         for job in jobs:
             alone[job] = run(job)
@@ -177,14 +131,12 @@ class TestQwen25Pruned:
 
     def test_prefix_cached_second_question(self, server, videos):
         # first question warms the prefix cache, the second reuses the video's blocks
-        first = _chat(server, _video_msg(videos["a"], QUESTIONS[0]))
+        first = answer(server, video_messages(videos["a"], QUESTIONS[0]))
         hits0 = server.metric("vllm:prefix_cache_hits_total")
-        second = _chat(server, _video_msg(videos["a"], QUESTIONS[1]))
+        second = answer(server, video_messages(videos["a"], QUESTIONS[1]))
         hits = server.metric("vllm:prefix_cache_hits_total") - hits0
-        frames = read_video_frames(videos["a"])
-        t, per_frame = (frames.shape[0] + 1) // 2, (frames.shape[1] // 28) ** 2
         # the whole video (and the text before it) came from the cache
-        assert hits >= _kept(HieraVidConfig(budget=BUDGET), t, per_frame, 4) + 10
+        assert hits >= _kept(read_video_frames(videos["a"])) + 10
         RESULTS["qwen25_prefix"] = {"first": first, "second": second}
 
     def test_metrics_exported(self, server):
@@ -197,8 +149,8 @@ class TestQwen25NoPrefixCacheChunked:
     """Same requests with prefix caching off and chunked prefill in 48-token steps."""
 
     @pytest.fixture(scope="class")
-    def server(self, tmp_path_factory):
-        s = _start(build_tiny_model("qwen2_5_vl"), tmp_path_factory, "qwen25-chunked",
+    def server(self, model, start_server):
+        s = start_server(model, "qwen25-chunked",
                    ["--hieravid-budget", str(BUDGET), "--hieravid-mode", "input_only",
                     "--no-enable-prefix-caching",
                     "--enable-chunked-prefill", "--max-num-seqs", "4",
@@ -210,28 +162,29 @@ class TestQwen25NoPrefixCacheChunked:
         assert "qwen25_alone" in RESULTS and "qwen25_prefix" in RESULTS, \
             "run with TestQwen25Pruned first"
         for (kind, key, q), want in RESULTS["qwen25_alone"].items():
-            assert _chat(server, _video_msg(videos[key], q)) == want
+            assert answer(server, video_messages(videos[key], q)) == want
         for which, q in (("first", QUESTIONS[0]), ("second", QUESTIONS[1])):
-            assert _chat(server, _video_msg(videos["a"], q)) == RESULTS["qwen25_prefix"][which]
+            assert answer(server, video_messages(videos["a"], q)) == \
+                RESULTS["qwen25_prefix"][which]
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
-def test_other_architectures(arch, videos, tmp_path_factory):
+def test_other_architectures(arch, videos, tmp_path_factory, start_server):
     model = build_tiny_model(arch)
     debug_dir = tmp_path_factory.mktemp(f"hv-debug-{arch}")
     frames = read_video_frames(videos["b"])
     hf = hf_video_prompt(model, frames, QUESTIONS[0])
-    server = _start(model, tmp_path_factory, f"{arch}-pruned",
-                    ["--hieravid-budget", str(BUDGET), "--hieravid-mode", "input_only"],
-                    env={"HIERAVID_DEBUG_DIR": str(debug_dir)})
+    server = start_server(model, f"{arch}-pruned",
+                          ["--hieravid-budget", str(BUDGET), "--hieravid-mode", "input_only"],
+                          env={"HIERAVID_DEBUG_DIR": str(debug_dir)})
     try:
-        answer, prompt_tokens = _chat(server, _video_msg(videos["b"], QUESTIONS[0]))
+        text, prompt_tokens = answer(server, video_messages(videos["b"], QUESTIONS[0]))
     finally:
         server.stop()
-    dumps = _check_dumps_match_core(debug_dir, 1)
+    dumps = assert_input_dumps_match_core(debug_dir, 1)
     T, H, W, _ = dumps[-1]["features"].shape
     extra = 1 if arch == "llava_onevision" else 0  # LLaVA-OV's newline token is never pruned
     assert hf.video_tokens == T * H * W + extra
-    kept = _kept(HieraVidConfig(budget=BUDGET), T, H * W, 4)
+    kept = expected_kept(T, H * W, BUDGET)
     assert prompt_tokens == hf.text_tokens + kept + extra
-    assert isinstance(answer, str)
+    assert isinstance(text, str)

@@ -36,14 +36,12 @@ def clip(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def served(request, tmp_path_factory, clip):
+def served(request, start_server, clip):
     arch = request.param
     model_dir = build_tiny_model(arch)
-    log = tmp_path_factory.mktemp(f"vllm-{arch}") / "server.log"
-    server = VLLMServer(model_dir, video_fps=FPS, log_path=log, max_model_len=4096,
-                        gpu_memory_utilization=0.15,
-                        allowed_local_media_path=clip[0].path.parent)
-    server.start()  # raises VLLMServerError with the log tail if the server does not come up
+    # raises VLLMServerError naming the root cause if the server does not come up
+    server = start_server(model_dir, f"e2e-{arch}", video_fps=FPS,
+                          allowed_local_media_path=clip[0].path.parent)
     try:
         yield arch, model_dir, server
     finally:

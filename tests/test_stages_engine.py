@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import math
 
-import numpy as np
 import openai
 import pytest
 import torch
@@ -28,8 +27,9 @@ from hieravid_vllm.core.pipeline import select_layer_stage
 from hieravid_vllm.reference import HieraVidReference
 from hieravid_vllm.stages import STAGES_DUMP_PREFIX
 from hieravid_vllm.testing.models import build_tiny_model
-from hieravid_vllm.testing.server import VLLMServer, chat_messages
-from hieravid_vllm.testing.video import read_video_frames, video_data_url, write_scene_video
+from hieravid_vllm.testing.server import (answer, chat, chat_messages, kv_cache_bytes,
+                                          video_messages)
+from hieravid_vllm.testing.video import read_video_frames, write_scene_video
 
 pytestmark = pytest.mark.vllm
 
@@ -41,38 +41,13 @@ RESULTS: dict = {}
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("videos")
-    a = write_scene_video(d / "a.mp4", num_frames=24, width=112, height=112, fps=FPS, seed=5)
-    b = write_scene_video(d / "b.mp4", num_frames=16, width=140, height=112, fps=FPS,
-                          num_scenes=2, seed=6)
-    return {"a": a.path, "b": b.path}
-
-
-def _msg(path, question):
-    return chat_messages(question, video_data_url(path))
-
-
-def _chat(server, messages, max_tokens=8, **extra):
-    r = server.client().chat.completions.create(
-        model=server.model_name, messages=messages, max_tokens=max_tokens, temperature=0.0,
-        **extra)
-    return r
-
-
-def _answer(server, messages, max_tokens=8):
-    r = _chat(server, messages, max_tokens)
-    return r.choices[0].message.content, r.usage.prompt_tokens
+def videos(make_videos):
+    return make_videos({"a": dict(num_frames=24, width=112, height=112, seed=5),
+                        "b": dict(num_frames=16, width=140, height=112, num_scenes=2, seed=6)})
 
 
 def _stage_dumps(debug_dir):
     return [torch.load(p) for p in sorted(debug_dir.glob(f"{STAGES_DUMP_PREFIX}-*.pt"))]
-
-
-def _start(model, tmp_path_factory, name, extra, env=None, **kw):
-    log = tmp_path_factory.mktemp("logs") / f"{name}.log"
-    return VLLMServer(model, extra_args=extra, video_fps=FPS, env=env, log_path=log,
-                      max_model_len=4096, gpu_memory_utilization=0.1, **kw).start()
 
 
 _REFS: dict = {}
@@ -88,9 +63,8 @@ def _check_against_reference(server, arch, video, budget, debug_dir, extra_body=
                              strict=True):
     """Server logprobs / kept tokens vs the reference forward of the same frames."""
     before = len(_stage_dumps(debug_dir))
-    r = server.client().chat.completions.create(
-        model=server.model_name, messages=_msg(video, QUESTION), max_tokens=1,
-        temperature=0.0, logprobs=True, top_logprobs=TOP, extra_body=extra_body or {})
+    r = chat(server, video_messages(video, QUESTION), max_tokens=1, logprobs=True,
+             top_logprobs=TOP, extra_body=extra_body or {})
     frames = read_video_frames(video)
     ref = _reference(arch).forward([frames], QUESTION, HieraVidConfig(budget=budget), fps=FPS,
                                    return_boundary_states=True)
@@ -166,16 +140,13 @@ def _token_id(arch, token_str):
 # -------------------------------------------------------------------------------------------
 class TestQwen25Stages:
     @pytest.fixture(scope="class")
-    def debug_dir(self, tmp_path_factory):
-        return tmp_path_factory.mktemp("hv-stages")
-
-    @pytest.fixture(scope="class")
-    def server(self, debug_dir, tmp_path_factory):
-        s = _start(build_tiny_model("qwen2_5_vl"), tmp_path_factory, "qwen25-stages",
-                   ["--hieravid-budget", str(BUDGET), "--hieravid-allow-request-budget",
-                    "--trust-request-mm-kwargs", "--max-num-seqs", "16",
-                    "--max-logprobs", str(TOP)],
-                   env={"HIERAVID_DEBUG_DIR": str(debug_dir)}, max_num_batched_tokens=1024)
+    def server(self, model, debug_dir, start_server):
+        s = start_server(model, "qwen25-stages",
+                         ["--hieravid-budget", str(BUDGET), "--hieravid-allow-request-budget",
+                          "--trust-request-mm-kwargs", "--max-num-seqs", "16",
+                          "--max-logprobs", str(TOP)],
+                         env={"HIERAVID_DEBUG_DIR": str(debug_dir)},
+                         max_num_batched_tokens=1024)
         yield s
         s.stop()
 
@@ -196,8 +167,8 @@ class TestQwen25Stages:
 
         def run(job):
             kind, key, q = job
-            msgs = chat_messages(q, video_data_url(videos[key]) if kind == "video" else None)
-            return _answer(server, msgs, max_tokens=12)
+            msgs = video_messages(videos[key], q) if kind == "video" else chat_messages(q)
+            return answer(server, msgs, max_tokens=12)
 
         alone = {job: run(job) for job in jobs}
         with cf.ThreadPoolExecutor(8) as ex:
@@ -217,23 +188,23 @@ class TestQwen25Stages:
         long = write_scene_video(tmp_path / "long.mp4", num_frames=96, width=224, height=224,
                                  fps=FPS, seed=9).path
         with pytest.raises(openai.BadRequestError) as e:
-            _chat(server, _msg(long, QUESTION), max_tokens=2)
+            chat(server, video_messages(long, QUESTION), max_tokens=2)
         assert "--max-num-batched-tokens" in str(e.value)
-        assert _answer(server, _msg(videos["b"], QUESTION), 2)[0] is not None
+        assert answer(server, video_messages(videos["b"], QUESTION), 2)[0] is not None
 
 
 class TestQwen25Preemption:
-    """A KV cache of a few blocks (1 MiB: 64 blocks of 32 tokens per 1-layer stage group, one
-    request grows to ~50 of them over 200 decoded tokens): concurrent video requests are
-    preempted and recomputed."""
+    """A KV cache of a few blocks: room for 512 tokens of the model's KV spec (1 MiB for the
+    tiny model: 64 blocks of 32 tokens per 1-layer stage group; one request grows to ~50 of
+    them over 200 decoded tokens): concurrent video requests are preempted and recomputed."""
 
     @pytest.fixture(scope="class")
-    def server(self, tmp_path_factory):
-        s = _start(build_tiny_model("qwen2_5_vl"), tmp_path_factory, "qwen25-preempt",
-                   ["--hieravid-budget", str(BUDGET), "--max-num-seqs", "8",
-                    "--kv-cache-memory-bytes", str(2**20), "--block-size", "32",
-                    "--max-model-len", "448"],
-                   max_num_batched_tokens=512)
+    def server(self, model, start_server):
+        s = start_server(model, "qwen25-preempt",
+                         ["--hieravid-budget", str(BUDGET), "--max-num-seqs", "8",
+                          "--block-size", "32"],
+                         kv_cache_memory_bytes=kv_cache_bytes(model, 512), max_model_len=448,
+                         max_num_batched_tokens=512)
         yield s
         s.stop()
 
@@ -243,8 +214,8 @@ class TestQwen25Preemption:
 
         def run(job):
             kind, key, q = job
-            msgs = chat_messages(q, video_data_url(videos[key]) if kind == "video" else None)
-            r = _chat(server, msgs, max_tokens=200, extra_body={"ignore_eos": True})
+            msgs = video_messages(videos[key], q) if kind == "video" else chat_messages(q)
+            r = chat(server, msgs, max_tokens=200, extra_body={"ignore_eos": True})
             return r.choices[0].message.content, r.usage.prompt_tokens
 
         alone = {job: run(job) for job in jobs}
@@ -262,11 +233,11 @@ class TestQwen25Preemption:
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
-def test_other_architectures_match_reference(arch, videos, tmp_path_factory):
+def test_other_architectures_match_reference(arch, videos, tmp_path_factory, start_server):
     debug_dir = tmp_path_factory.mktemp(f"hv-stages-{arch}")
-    server = _start(build_tiny_model(arch), tmp_path_factory, f"{arch}-stages",
-                    ["--hieravid-budget", str(BUDGET), "--max-logprobs", str(TOP)],
-                    env={"HIERAVID_DEBUG_DIR": str(debug_dir)})
+    server = start_server(build_tiny_model(arch), f"{arch}-stages",
+                          ["--hieravid-budget", str(BUDGET), "--max-logprobs", str(TOP)],
+                          env={"HIERAVID_DEBUG_DIR": str(debug_dir)})
     try:
         # LLaVA-OV: vLLM's and transformers' vision towers differ by float noise, which can
         # flip near-tied greedy-DPP picks (checked to be near-ties, see the helper)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from hieravid_vllm.core import HieraVidConfig
-from hieravid_vllm.core.schedule import build_schedule
+from hieravid_vllm.testing.expect import expected_schedule, qwen_video_grid
 from hieravid_vllm.testing.models import build_tiny_model
-from hieravid_vllm.testing.video import read_video_frames, write_scene_video
+from hieravid_vllm.testing.server import kv_cache_bytes
+from hieravid_vllm.testing.video import write_scene_video
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kv_admission  # noqa: E402
@@ -35,7 +35,8 @@ def test_stage_groups_hold_kept_tokens_and_admit_more(tmp_path):
     model = str(build_tiny_model("qwen2_5_vl"))
     video = write_scene_video(tmp_path / "v.mp4", num_frames=48, width=112, height=112,
                               fps=FPS, seed=4).path
-    kv_bytes = 3 * 2**20  # 2 KB per token unpruned (4 layers): room for 3 requests
+    # room for 1536 tokens of the model's KV spec (3 MiB): about 3 unpruned requests
+    kv_bytes = kv_cache_bytes(model, 1536)
     base = kv_admission.run_config(model, "qwen2_5_vl", str(video), None, 10, kv_bytes, BS,
                                    FPS, 1024)
     full = kv_admission.run_config(model, "qwen2_5_vl", str(video), {"budget": 0.3}, 10,
@@ -44,10 +45,9 @@ def test_stage_groups_hold_kept_tokens_and_admit_more(tmp_path):
     assert base["completed"] == full["completed"] == 10
 
     # independent expectation from the core schedule
-    frames = read_video_frames(video)
-    t, per_frame = (frames.shape[0] + 1) // 2, (frames.shape[1] // 28) * (frames.shape[2] // 28)
+    t, per_frame = qwen_video_grid(video)
     n = t * per_frame
-    sched = build_schedule(HieraVidConfig(budget=0.3), n, 4, max_merge=(t - 1) * per_frame)
+    sched = expected_schedule(t, per_frame, 0.3)
     text = base["prompt_tokens"] - n
     assert full["prompt_tokens"] == text + sched.counts[0]
     assert full["groups"] == len(sched.counts) == 4

@@ -13,10 +13,15 @@ servers still running when the interpreter exits are stopped by an ``atexit`` ho
 the starting process is killed outright the server gets SIGTERM from the kernel
 (``PR_SET_PDEATHSIG``; start servers from the main thread, whose exit triggers it).
 
-Defaults suit this project's CPU machines (``--enforce-eager``, ``--dtype float32``,
-``--gpu-memory-utilization 0.2``: on vLLM's CPU backend that is the fraction of host memory
-reserved for the KV cache); on a CUDA machine dtype and memory fraction default to ``auto``
-and 0.85 and CUDA graphs stay on. ``video_fps`` sets ``--media-io-kwargs
+Defaults suit this project's CPU machines (``--enforce-eager``, ``--dtype float32``, and the
+KV cache sized in bytes with ``--kv-cache-memory-bytes``: :func:`kv_cache_bytes` of
+``kv_tokens`` tokens of the model's own KV spec, by default room for 4 prompts of
+``max(max_model_len, max_num_batched_tokens)`` tokens). Never a share of memory on CPU:
+vLLM's CPU worker measures ``--gpu-memory-utilization`` against one NUMA node minus its own
+RSS, so the same share starts on one machine and fails on another; passing
+``gpu_memory_utilization`` without CUDA is refused. On a CUDA machine dtype defaults to
+``auto``, the memory share to 0.85 (unless ``kv_cache_memory_bytes`` is given) and CUDA
+graphs stay on. ``video_fps`` sets ``--media-io-kwargs
 {"video": {"fps": N}}`` (vLLM's Qwen2-VL loader otherwise samples 2 fps);
 ``allowed_local_media_path`` enables ``file://`` video URLs under that folder. Extra flags
 (e.g. HieraVid's) go in ``extra_args``.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,7 +65,66 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec (Linu
 
 
 class VLLMServerError(RuntimeError):
-    """The server did not come up (or died); the message ends with the log's tail."""
+    """The server did not come up (or died). The message's first line names the root cause
+    (:func:`root_cause` of the log); it ends with the log's tail."""
+
+
+_ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception)): (.+)$")
+_GENERIC = ("initialization failed", "See root cause", "See stack trace", "Connection error")
+
+
+def root_cause(message: str, log_path: str | os.PathLike | None = None) -> str:
+    """The first specific ``SomethingError: ...`` line of the server log (vLLM buries the
+    cause of a failed start under generic 'Engine core initialization failed. See root cause
+    above' errors), else the message's first line."""
+    texts = []
+    if log_path is not None:
+        try:
+            texts.append(Path(log_path).read_text(errors="replace"))
+        except OSError:
+            pass
+    texts.append(message)
+    for text in texts:
+        for line in text.splitlines():
+            m = _ERROR_LINE.search(line)
+            if m and not any(g in m.group(2) for g in _GENERIC) and \
+                    "ulimit" not in line and "WARNING" not in line:
+                return f"{m.group(1)}: {m.group(2)}"[:400]
+    return (message.strip().splitlines() or ["(no error line in the log)"])[0][:400]
+
+
+#: per-token KV bytes assumed when the checkpoint's config cannot be read here (that of a
+#: 7B Qwen2 in bfloat16: 2 x 28 layers x 4 KV heads x 128 x 2 bytes)
+DEFAULT_KV_BYTES_PER_TOKEN = 2 * 28 * 4 * 128 * 2
+_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1}
+
+
+def kv_bytes_per_token(model: str | os.PathLike, dtype: str = "float32") -> int:
+    """KV-cache bytes one token takes over all LLM layers (K and V), from the checkpoint's
+    ``config.json`` (the text config of a VL model): 2 x layers x KV heads x head dim x
+    element size. ``dtype`` ``auto`` reads the checkpoint's own dtype."""
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):  # a hub id or an unreadable folder: vLLM reports it
+        return DEFAULT_KV_BYTES_PER_TOKEN
+    text = cfg.get("text_config") or cfg
+    get = lambda k, d=None: text.get(k, cfg.get(k, d))  # noqa: E731
+    heads = int(get("num_attention_heads"))
+    kv_heads = int(get("num_key_value_heads") or heads)
+    head_dim = int(get("head_dim") or int(get("hidden_size")) // heads)
+    if dtype == "auto":
+        dtype = str(get("torch_dtype") or get("dtype") or "bfloat16")
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"unknown KV dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
+    return 2 * int(get("num_hidden_layers")) * kv_heads * head_dim * _DTYPE_BYTES[dtype]
+
+
+def kv_cache_bytes(model: str | os.PathLike, tokens: int, dtype: str = "float32",
+                   block_size: int = 32) -> int:
+    """``--kv-cache-memory-bytes`` that holds ``tokens`` tokens (rounded up to whole blocks of
+    ``block_size``) of ``model``'s KV cache, whatever the machine's memory or NUMA layout."""
+    blocks = -(-int(tokens) // block_size)
+    return blocks * block_size * kv_bytes_per_token(model, dtype)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -89,6 +154,8 @@ class VLLMServer:
         *,
         dtype: str | None = None,
         gpu_memory_utilization: float | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        kv_tokens: int | None = None,
         max_model_len: int | None = 8192,
         max_num_batched_tokens: int = 8192,
         enforce_eager: bool | None = None,
@@ -114,15 +181,28 @@ class VLLMServer:
         mio = {k: dict(v) for k, v in (media_io_kwargs or {}).items()}
         if video_fps is not None:
             mio.setdefault("video", {})["fps"] = video_fps
-        args = [
-            "--model", self.model, "--host", host, "--port", str(self.port),
-            "--dtype", dtype or ("auto" if cuda else "float32"),
-            "--gpu-memory-utilization",
-            str(gpu_memory_utilization if gpu_memory_utilization is not None
-                else (0.85 if cuda else 0.2)),
-            "--max-num-batched-tokens", str(max_num_batched_tokens),
-            "--seed", str(seed),
-        ]
+        dtype = dtype or ("auto" if cuda else "float32")
+        args = ["--model", self.model, "--host", host, "--port", str(self.port),
+                "--dtype", dtype]
+        if gpu_memory_utilization is not None and not cuda:
+            raise ValueError(
+                "gpu_memory_utilization without CUDA: vLLM's CPU worker reads it as a share of "
+                "one NUMA node minus its own RSS, which differs between machines; size the KV "
+                "cache with kv_cache_memory_bytes (or kv_tokens) instead")
+        extra_args = list(extra_args)
+        if "--kv-cache-memory-bytes" in extra_args:  # the caller's own size wins
+            i = extra_args.index("--kv-cache-memory-bytes")
+            kv_cache_memory_bytes = int(extra_args[i + 1])
+            del extra_args[i:i + 2]
+        if kv_cache_memory_bytes is None and (not cuda or kv_tokens is not None):
+            tokens = kv_tokens or 4 * max(max_model_len or 8192, max_num_batched_tokens)
+            kv_cache_memory_bytes = kv_cache_bytes(self.model, tokens, dtype)
+        if kv_cache_memory_bytes is not None:
+            args += ["--kv-cache-memory-bytes", str(int(kv_cache_memory_bytes))]
+        else:
+            args += ["--gpu-memory-utilization", str(gpu_memory_utilization or 0.85)]
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        args += ["--max-num-batched-tokens", str(max_num_batched_tokens), "--seed", str(seed)]
         if max_model_len is not None:
             args += ["--max-model-len", str(max_model_len)]
         if enforce_eager if enforce_eager is not None else not cuda:
@@ -209,13 +289,14 @@ class VLLMServer:
             rc = self.proc.poll()
             if rc is not None:
                 raise VLLMServerError(
-                    f"vLLM server exited with code {rc} during start-up\n{self.log_tail()}")
+                    f"vLLM server exited with code {rc} during start-up: "
+                    f"{root_cause('', self.log_path)}\nlog {self.log_path}:\n{self.log_tail()}")
             if self.healthy():
                 return
             if time.monotonic() > deadline:
                 raise VLLMServerError(
-                    f"vLLM server not healthy after {self.startup_timeout:.0f} s\n"
-                    f"{self.log_tail()}")
+                    f"vLLM server not healthy after {self.startup_timeout:.0f} s: "
+                    f"{root_cause('', self.log_path)}\nlog {self.log_path}:\n{self.log_tail()}")
             time.sleep(0.5)
 
     def healthy(self) -> bool:
@@ -291,11 +372,32 @@ def chat_messages(question: str, video_url: str | None = None) -> list[dict]:
     ]}]
 
 
+def video_messages(video: str | os.PathLike, question: str) -> list[dict]:
+    """One user turn asking ``question`` about a local clip, sent inline as a base64
+    ``data:`` URL (the server needs no file access)."""
+    from hieravid_vllm.testing.video import video_data_url
+
+    return chat_messages(question, video_data_url(video))
+
+
+def chat(server: VLLMServer, messages: list[dict], max_tokens: int = 8,
+         temperature: float = 0.0, **kwargs):
+    """One chat completion through the official ``openai`` client (greedy by default);
+    ``kwargs`` go to ``create`` (``extra_body=``, ``logprobs=``, ...)."""
+    return server.client().chat.completions.create(
+        model=server.model_name, messages=messages, max_tokens=max_tokens,
+        temperature=temperature, **kwargs)
+
+
+def answer(server: VLLMServer, messages: list[dict], max_tokens: int = 8,
+           **kwargs) -> tuple[str, int]:
+    """``(greedy answer text, usage.prompt_tokens)`` of one chat completion."""
+    r = chat(server, messages, max_tokens, **kwargs)
+    return r.choices[0].message.content, r.usage.prompt_tokens
+
+
 def video_chat(server: VLLMServer, video_url: str, question: str = "Describe the video.",
                max_tokens: int = 16, temperature: float = 0.0, **kwargs):
     """Send one ``[video_url, text]`` user turn through the official ``openai`` client and
     return the ``ChatCompletion`` (``.usage.prompt_tokens``, ``.choices[0].message``)."""
-    messages = chat_messages(question, video_url)
-    return server.client().chat.completions.create(
-        model=server.model_name, messages=messages, max_tokens=max_tokens,
-        temperature=temperature, **kwargs)
+    return chat(server, chat_messages(question, video_url), max_tokens, temperature, **kwargs)

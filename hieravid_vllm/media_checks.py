@@ -29,6 +29,10 @@ only change responses that were errors already; a video vLLM decodes is untouche
    is vLLM's: ``VLLM_VIDEO_FETCH_TIMEOUT`` seconds for the first attempt, 4x longer on each
    of the ``VLLM_MEDIA_FETCH_MAX_RETRIES`` attempts, with 1 s, 4 s, ... sleeps between them
    (defaults 30 s and 3: about 10.5 minutes for a URL that never answers).
+4. ``MediaConnector._load_file_url``: a ``file://`` URL on a server started without
+   ``--allowed-local-media-path`` raises ``RuntimeError`` (a 500) in vLLM; it becomes a 400
+   with vLLM's own message ("Cannot load local files without `--allowed-local-media-path`.").
+   A path outside the allowed folder is already a 400 (``ValueError``).
 """
 from __future__ import annotations
 
@@ -172,9 +176,30 @@ def patch_media_fetch() -> None:
         MediaConnector.load_from_url = load_from_url
 
 
+def patch_local_files() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.multimodal.media.connector import MediaConnector
+
+    orig = MediaConnector._load_file_url
+    if getattr(orig, _MARK, False):
+        return
+
+    @functools.wraps(orig)
+    def _load_file_url(self, url_spec, media_io):
+        if self.allowed_local_media_path is None:  # vLLM raises RuntimeError: a 500
+            raise VLLMValidationError(
+                "Cannot load local files without `--allowed-local-media-path`.",
+                parameter="url", value=str(url_spec.url)[:200])
+        return orig(self, url_spec, media_io)
+
+    setattr(_load_file_url, _MARK, True)
+    MediaConnector._load_file_url = _load_file_url
+
+
 def apply() -> None:
-    """Apply the three media patches (idempotent); a missing vLLM hook is logged, not fatal."""
-    for patch in (patch_qwen_frame_sampling, patch_video_media_io, patch_media_fetch):
+    """Apply the media patches (idempotent); a missing vLLM hook is logged, not fatal."""
+    for patch in (patch_qwen_frame_sampling, patch_video_media_io, patch_media_fetch,
+                  patch_local_files):
         try:
             patch()
         except (ImportError, AttributeError) as e:  # pragma: no cover - other vLLM layout

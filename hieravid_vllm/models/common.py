@@ -179,9 +179,17 @@ class HieraVidProcessorMixin:
         return {k: v for k, v in hf_kwargs.items() if k != REQUEST_BUDGET_KEY}
 
     def _hieravid_budget(self, opts: ServingOptions, hf_kwargs: Mapping[str, object]) -> float:
+        from vllm.exceptions import VLLMValidationError
+
+        unknown = sorted(k for k in hf_kwargs if isinstance(k, str) and k != REQUEST_BUDGET_KEY
+                         and k.lower().replace("-", "_").startswith("hieravid"))
+        if unknown:  # a misspelled key would silently serve the server's budget
+            raise VLLMValidationError(
+                f"unknown HieraVid key(s) {unknown} in mm_processor_kwargs; the only one is "
+                f"{REQUEST_BUDGET_KEY!r} (a number in (0, 1])",
+                parameter="mm_processor_kwargs")
         if REQUEST_BUDGET_KEY not in hf_kwargs:
             return opts.config.budget
-        from vllm.exceptions import VLLMValidationError
 
         try:
             budget = parse_request_budget(hf_kwargs[REQUEST_BUDGET_KEY],

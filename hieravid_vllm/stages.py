@@ -267,6 +267,52 @@ def _kernel_ops():
     return OPS
 
 
+def profile_stage_selection(runner) -> Optional[tuple]:
+    """Run, inside vLLM's ``profile_run``, the largest in-LLM selection this server can meet,
+    so that the memory profile that sizes the KV cache counts its workspace (Gram/Cholesky
+    rows, float32 copies of the visual hidden states) next to the dummy forward's.
+
+    Size: the most visual tokens one video can bring into the LLM (vLLM's own
+    ``mm_budget.mm_max_toks_per_item["video"]``, which the HieraVid processor counts as the
+    input stage's kept tokens), capped by the tokens of one step; the first boundary's
+    target from the schedule (the largest selection: later stages select among fewer).
+    Same dtype, device and kernels as the serving path. Returns ``(n, target)`` (also kept as
+    ``runner.hieravid_profiled_selection``), or None (HieraVid off, input-only mode, no
+    video)."""
+    from hieravid_vllm.core.schedule import build_schedule
+
+    model = runner.get_model()
+    opts = getattr(model, "hieravid_options", None)
+    budget = getattr(runner, "mm_budget", None)
+    if opts is None or opts.config.mode != "full" or budget is None:
+        return None
+    n = int((getattr(budget, "mm_max_toks_per_item", None) or {}).get("video", 0))
+    n = min(n, int(getattr(runner, "max_num_tokens", n) or n))
+    if n < 2:
+        return None
+    cfg = opts.config
+    hf_config = runner.model_config.hf_config
+    text = getattr(hf_config, "text_config", None) or hf_config
+    layers, hidden = int(text.num_hidden_layers), int(text.hidden_size)
+    # the schedule of a video whose input stage keeps n tokens
+    sched = build_schedule(cfg, n, layers)
+    rho0 = sched.counts[0] / max(1, sched.num_visual)
+    sched = build_schedule(cfg, max(n, int(round(n / rho0))) if rho0 > 0 else n, layers)
+    target = int(min(n - 1, sched.counts[1] if len(sched.counts) > 1 else n // 2))
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    dtype = getattr(runner, "dtype", torch.float32)
+    stream = torch.randn(n + 1, hidden, generator=gen).to(device=runner.device, dtype=dtype)
+    hv, query = stream[:n].float(), stream[n:].float()  # as _select_rows copies them
+    seg = torch.zeros(n, dtype=torch.long, device=runner.device)
+    keep = select_layer_stage(hv, query, seg, target, cfg, use_dpp=True, num_segments=1,
+                              ops=_kernel_ops())
+    assert keep.numel() == target, (keep.numel(), target)
+    runner.hieravid_profiled_selection = (n, target)
+    logger.info("HieraVid: profile run included the largest in-LLM selection (%d of %d "
+                "visual tokens, hidden %d)", target, n, hidden)
+    return n, target
+
+
 def _select_rows(plan: StepPlan, g: int, stream: torch.Tensor, seq_pos: torch.Tensor,
                  req_of_row: torch.Tensor, seg_state: Dict[tuple, tuple],
                  kept_log: Optional[dict]) -> torch.Tensor:

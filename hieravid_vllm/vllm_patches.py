@@ -190,7 +190,9 @@ _REFUSED_RUNNER_MODULES = {"vllm.v1.worker.gpu.model_runner": "GPUModelRunner"}
 
 
 def _patch_profile_run(cls) -> None:
-    """vLLM's memory profiling prunes dummy videos: not counted in the metrics."""
+    """vLLM's memory profiling prunes dummy videos: not counted in the metrics; in full mode
+    it also runs the largest in-LLM selection (:func:`hieravid_vllm.stages.
+    profile_stage_selection`), so the KV cache is sized with that workspace counted."""
     orig = cls.__dict__.get("profile_run")
     if orig is None or _already(orig):
         return
@@ -198,8 +200,12 @@ def _patch_profile_run(cls) -> None:
     @_mark
     @functools.wraps(orig)
     def profile_run(self, *args, **kwargs):
+        from hieravid_vllm.stages import profile_stage_selection
+
         with hv_metrics.not_counted():
-            return orig(self, *args, **kwargs)
+            out = orig(self, *args, **kwargs)
+            profile_stage_selection(self)  # its workspace counts in the memory profile
+            return out
 
     cls.profile_run = profile_run
 

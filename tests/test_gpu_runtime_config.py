@@ -17,7 +17,8 @@ a GPU node does (``vllm.config.vllm.HAS_TRITON``) and nothing else.
   the setting; the resolved config carries ``input_only`` to every process;
 * the worker guard (:func:`hieravid_vllm.vllm_patches.check_worker_setup`) on a real CPU
   runner: passes as started, refuses a CUDA-graph mode that captures attention and a runner
-  class without hooks.
+  class without hooks; vLLM's ``profile_run`` on that runner performs the largest in-LLM
+  selection the server can meet (so the KV cache is sized with its workspace counted).
 """
 from __future__ import annotations
 
@@ -159,6 +160,11 @@ def _guard_on_real_runner(model: str) -> dict:
     out = {"runner": f"{type(runner).__module__}.{type(runner).__name__}",
            "backends": sorted(_attention_backends(model_obj))}
     check_worker_setup(runner, model_obj)  # as started: passes
+    # vLLM's own memory profile (the CPU worker skips it with an explicit KV size: run it)
+    runner.profile_run()
+    out["profiled"] = list(getattr(runner, "hieravid_profiled_selection", ()))
+    out["max_video_tokens"] = int(runner.mm_budget.mm_max_toks_per_item["video"])
+    out["max_num_tokens"] = int(runner.max_num_tokens)
     runner.compilation_config.cudagraph_mode = CUDAGraphMode.FULL
     try:
         check_worker_setup(runner, model_obj)
@@ -191,6 +197,11 @@ def test_worker_guard_on_a_real_cpu_runner():
     assert out["backends"] == ["CPU_ATTN"]
     assert "CUDA graph mode FULL" in out["full_graphs"] and "PIECEWISE" in out["full_graphs"]
     assert "has no HieraVid hooks" in out["unhooked"] and V2_ENV in out["unhooked"]
+    # the profile run selected among as many tokens as the largest video brings into the
+    # LLM (vLLM's per-item maximum, capped by one step), down to a real stage target
+    n, target = out["profiled"]
+    assert n == min(out["max_video_tokens"], out["max_num_tokens"]) > 100
+    assert 0 < target < n
 
 
 def test_v2_runner_class_is_refused_when_imported():

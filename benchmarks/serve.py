@@ -70,9 +70,9 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
-from hieravid_vllm.testing.server import root_cause
+from hieravid_vllm.testing.server import parse_metrics, root_cause
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # running from a checkout without installing
@@ -387,23 +387,6 @@ class MetricsPoller:
                 self.peak[k] = max(self.peak.get(k, v), v)
         except Exception:  # noqa: BLE001
             pass
-
-
-def parse_metrics(text: str, names: Iterable[str]) -> dict[str, float]:
-    """Sum of each named Prometheus sample over its label sets (e.g. one per engine)."""
-    names = tuple(names)
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        head, _, value = line.rpartition(" ")
-        name = head.split("{", 1)[0].strip()
-        if name in names:
-            try:
-                out[name] = out.get(name, 0.0) + float(value)
-            except ValueError:
-                continue
-    return out
 
 
 # ==========================================================================================

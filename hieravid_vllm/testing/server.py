@@ -362,6 +362,24 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
+def parse_metrics(text: str, names) -> dict[str, float]:
+    """Sum of each named Prometheus sample of ``text`` over its label sets (e.g. one per
+    engine); names absent from ``text`` are left out."""
+    names = tuple(names)
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        head, _, value = line.rpartition(" ")
+        name = head.split("{", 1)[0].strip()
+        if name in names:
+            try:
+                out[name] = out.get(name, 0.0) + float(value)
+            except ValueError:
+                continue
+    return out
+
+
 def chat_messages(question: str, video_url: str | None = None) -> list[dict]:
     """One user turn: ``[video_url, text]`` parts, or plain text without a video."""
     if video_url is None:

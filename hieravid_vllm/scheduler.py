@@ -177,7 +177,12 @@ def hieravid_extra_keys(request, start_token_idx: int, end_token_idx: int) -> Op
 
 
 def patch_block_hasher() -> None:
-    """Adds :func:`hieravid_extra_keys` to vLLM's block-hash extra keys (engine process)."""
+    """Adds :func:`hieravid_extra_keys` to vLLM's block-hash extra keys (engine process), under
+    both names vLLM calls it by: ``kv_cache_utils.generate_block_hash_extra_keys`` (block
+    hashes, prefix cache) and the copy ``block_pool`` imported by name (KV-cache events: without
+    it, events would announce question-dependent blocks under a key other requests share)."""
+    import importlib
+
     from vllm.v1.core import kv_cache_utils as kcu
 
     orig = kcu.generate_block_hash_extra_keys
@@ -194,6 +199,9 @@ def patch_block_hasher() -> None:
 
     generate_block_hash_extra_keys._hieravid = True
     kcu.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+    block_pool = importlib.import_module("vllm.v1.core.block_pool")
+    if getattr(block_pool, "generate_block_hash_extra_keys", None) is orig:
+        block_pool.generate_block_hash_extra_keys = generate_block_hash_extra_keys
 
 
 patch_block_hasher()

@@ -142,6 +142,27 @@ def test_block_key_on_first_video_block_only():
     assert hsched.hieravid_extra_keys(_request([("image", 0, 5)], 10), 0, 16) is None
 
 
+def test_kv_events_carry_the_request_key():
+    """vLLM's BlockPool (real, CPU) publishing KV-cache events for a full-mode video request:
+    the block holding the video's first token is announced with the per-request key, as its
+    block hash is (block_pool imported the hasher by name: both names are patched)."""
+    from vllm.v1.core import block_pool as bp
+    from vllm.v1.core import kv_cache_utils as kcu
+
+    assert bp.generate_block_hash_extra_keys is kcu.generate_block_hash_extra_keys
+    assert getattr(bp.generate_block_hash_extra_keys, "_hieravid", False)
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    r = Request("req-7", list(range(200)), SamplingParams(max_tokens=1), None, mm_features=[
+        MultiModalFeatureSpec(data=None, modality="video", identifier="vid-hash",
+                              mm_position=PlaceholderRange(offset=40, length=100))])
+    keys = [bp.generate_block_hash_extra_keys(r, s, s + 16, 0)[0] for s in range(0, 208, 16)]
+    marked = [i for i, k in enumerate(keys) if k and ("hieravid_stages", "req-7") in k]
+    assert marked == [40 // 16]
+
+
 def _engine_args(**kw):
     base = dict(pipeline_parallel_size=1, speculative_config=None, data_parallel_size=1,
                 scheduler_cls=None, async_scheduling=None,

@@ -5,7 +5,7 @@ No vLLM import here: these functions validate user input and are unit-tested on 
 How options travel through vLLM:
 
 * ``vllm serve M --hieravid-budget 0.3 [--hieravid-mode input_only] [--hieravid-config JSON]``
-  (flags added by :mod:`hieravid_vllm.vllm_patches`), or offline
+  (flags added by :mod:`hieravid_vllm.patches.api_server.cli_args`), or offline
   ``LLM(M, additional_config={"hieravid": {"budget": 0.3}})``, or the same dict through
   ``--additional-config '{"hieravid": {...}}'``;
 * all of them end up in ``EngineArgs.additional_config["hieravid"]`` as one dict:

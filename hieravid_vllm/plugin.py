@@ -2,10 +2,10 @@
 
 vLLM calls :func:`register` in every process it starts. It registers the HieraVid model
 variants under their own architecture names (so they never replace vLLM's classes) and
-applies the small patches of :mod:`hieravid_vllm.vllm_patches`. A checkpoint is served by
-its HieraVid variant only when HieraVid options are given (``--hieravid-budget`` ...);
-otherwise vLLM behaves exactly as without the plugin, except that bad media get a 400
-instead of a 500 (:mod:`hieravid_vllm.media_checks`).
+applies the small patches of the registry :mod:`hieravid_vllm.patches`. A checkpoint is
+served by its HieraVid variant only when HieraVid options are given (``--hieravid-budget``
+...); otherwise vLLM behaves exactly as without the plugin, except that bad media get a 400
+instead of a 500 (``hieravid_vllm/patches/api_server/``).
 """
 import logging
 
@@ -16,10 +16,10 @@ def register() -> None:
     """Register HieraVid with vLLM (idempotent)."""
     from vllm import ModelRegistry
 
-    from hieravid_vllm import vllm_patches
+    from hieravid_vllm import patches
     from hieravid_vllm.models import HIERAVID_ARCHITECTURES
 
     for name, path in HIERAVID_ARCHITECTURES.values():
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, path)
-    vllm_patches.apply_all()
+    patches.apply_all()

@@ -13,7 +13,8 @@ pruned video, :class:`HieraVidScheduler`
   ``p - D_g``), so a block from the first video on holds KV that depends on the question and
   on the request's own continuation. Such blocks get a per-request hash key
   (:func:`hieravid_extra_keys`) and are never shared; blocks before the first video are
-  shared as usual. A preempted request finds its own blocks again (same request id), and its
+  shared as usual (the key is added by the registry's block-hasher patch,
+  :mod:`hieravid_vllm.patches.engine_core.block_hasher`). A preempted request finds its own blocks again (same request id), and its
   recomputed selection is the same (it depends only on the prompt).
 
 Everything else is vLLM's scheduler.
@@ -21,11 +22,11 @@ Everything else is vLLM's scheduler.
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from hieravid_vllm.stages import compacted_tokens
+from hieravid_vllm.stages import compacted_tokens  # noqa: F401  (the stage KV count rule)
 
 logger = logging.getLogger("vllm.hieravid_vllm")
 
@@ -77,43 +78,22 @@ def request_stage_spans(request, hf_config) -> List[tuple]:
     return sorted(spans)
 
 
-def _wrap_stage_manager(manager, g: int, spans_of) -> None:
-    """Make the KV cache manager of stage ``g``'s group count compacted tokens."""
-    orig_n, orig_alloc, orig_cache = (manager.get_num_blocks_to_allocate,
-                                      manager.allocate_new_blocks, manager.cache_blocks)
-
-    def get_num_blocks_to_allocate(request_id, num_tokens, new_computed_blocks,
-                                   total_computed_tokens, num_local_computed_tokens,
-                                   num_tokens_main_model, *args, **kwargs):
-        sp = spans_of(request_id)
-        return orig_n(request_id, compacted_tokens(sp, g, num_tokens), new_computed_blocks,
-                      total_computed_tokens, num_local_computed_tokens,
-                      compacted_tokens(sp, g, num_tokens_main_model), *args, **kwargs)
-
-    def allocate_new_blocks(request_id, num_tokens, num_tokens_main_model, *args, **kwargs):
-        sp = spans_of(request_id)
-        return orig_alloc(request_id, compacted_tokens(sp, g, num_tokens),
-                          compacted_tokens(sp, g, num_tokens_main_model), *args, **kwargs)
-
-    def cache_blocks(request, num_tokens, *args, **kwargs):
-        return orig_cache(request, compacted_tokens(spans_of(request.request_id), g,
-                                                    num_tokens), *args, **kwargs)
-
-    manager.get_num_blocks_to_allocate = get_num_blocks_to_allocate
-    manager.allocate_new_blocks = allocate_new_blocks
-    manager.cache_blocks = cache_blocks
-
-
 class HieraVidScheduler(Scheduler):
     """vLLM's scheduler with the HieraVid constraints described in the module docstring.
 
-    With one KV cache group per stage (:func:`hieravid_vllm.vllm_patches.patch_kv_cache_groups`)
-    the group of stage ``g`` allocates only the slots its kept tokens need
-    (:func:`compacted_tokens`), so a request's KV memory is about the sum over stages of its
-    kept tokens, and admission counts that smaller footprint.
+    With one KV cache group per stage (patch :mod:`hieravid_vllm.patches.engine_core.
+    kv_cache_groups`) the group of stage ``g`` allocates only the slots its kept tokens need
+    (:func:`compacted_tokens`; the managers are wrapped per instance by
+    :mod:`hieravid_vllm.patches.engine_core.stage_kv_manager`), so a request's KV memory is
+    about the sum over stages of its kept tokens, and admission counts that smaller
+    footprint. Creating it switches on the per-request block keys
+    (:mod:`hieravid_vllm.patches.engine_core.block_hasher`) in this process.
     """
 
     def __init__(self, *args, **kwargs):
+        from hieravid_vllm.patches.engine_core import block_hasher, stage_kv_manager
+
+        block_hasher.enable()  # before any request is hashed
         super().__init__(*args, **kwargs)
         self._hv_spans: dict = {}
         self._hv_hf_config = self.vllm_config.model_config.hf_config
@@ -123,7 +103,7 @@ class HieraVidScheduler(Scheduler):
             managers = self.kv_cache_manager.coordinator.single_type_managers
             for g, m in enumerate(managers):
                 if g:
-                    _wrap_stage_manager(m, g, self._hv_spans_of)
+                    stage_kv_manager.wrap_stage_manager(m, g, self._hv_spans_of)
             logger.info("HieraVid: %d KV cache groups (one per stage)", len(groups))
 
     def _hv_spans_of(self, request_id: str):
@@ -174,34 +154,3 @@ def hieravid_extra_keys(request, start_token_idx: int, end_token_idx: int) -> Op
     if start_token_idx <= first < end_token_idx:
         return ("hieravid_stages", request.request_id)
     return None
-
-
-def patch_block_hasher() -> None:
-    """Adds :func:`hieravid_extra_keys` to vLLM's block-hash extra keys (engine process), under
-    both names vLLM calls it by: ``kv_cache_utils.generate_block_hash_extra_keys`` (block
-    hashes, prefix cache) and the copy ``block_pool`` imported by name (KV-cache events: without
-    it, events would announce question-dependent blocks under a key other requests share)."""
-    import importlib
-
-    from vllm.v1.core import kv_cache_utils as kcu
-
-    orig = kcu.generate_block_hash_extra_keys
-    if getattr(orig, "_hieravid", False):
-        return
-
-    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx,
-                                       start_mm_idx):
-        keys, nxt = orig(request, start_token_idx, end_token_idx, start_mm_idx)
-        extra = hieravid_extra_keys(request, start_token_idx, end_token_idx)
-        if extra is not None:
-            keys = (keys or ()) + (extra,)
-        return keys, nxt
-
-    generate_block_hash_extra_keys._hieravid = True
-    kcu.generate_block_hash_extra_keys = generate_block_hash_extra_keys
-    block_pool = importlib.import_module("vllm.v1.core.block_pool")
-    if getattr(block_pool, "generate_block_hash_extra_keys", None) is orig:
-        block_pool.generate_block_hash_extra_keys = generate_block_hash_extra_keys
-
-
-patch_block_hasher()

@@ -9,9 +9,9 @@ and attend over the kept tokens only; text tokens are never dropped.
 
 How it fits vLLM v1:
 
-* KV cache: each stage's layers form their own KV cache group (engine-config patch
-  ``vllm_patches.patch_kv_cache_groups``; vLLM lets groups of one page size alias the same
-  memory, each with its own block table). The scheduler hook
+* KV cache: each stage's layers form their own KV cache group (engine-core patch
+  :mod:`hieravid_vllm.patches.engine_core.kv_cache_groups`; vLLM lets groups of one page
+  size alias the same memory, each with its own block table). The scheduler hook
   (:class:`hieravid_vllm.scheduler.HieraVidScheduler`) makes group ``g`` allocate only the
   slots its kept tokens need, so a request holds about the sum over stages of kept tokens and
   admission counts that footprint. Stage ``g`` stores a request's KV compacted: token ``p``
@@ -21,7 +21,8 @@ How it fits vLLM v1:
   layout lives in the shared blocks: compute savings only.)
 * The counts per stage are a function of the video grid and the config (the core schedule),
   so before the forward the runner hook (:func:`build_step_plan`, called right after the model
-  runner built its attention metadata) knows ``D_g`` for every request and builds, with the
+  runner built its attention metadata, :mod:`hieravid_vllm.patches.worker.stage_hooks`)
+  knows ``D_g`` for every request and builds, with the
   attention backend's own metadata builder, one attention metadata and one slot mapping per
   stage (compacted ``query_start_loc`` / ``seq_lens`` / ``slot_mapping``) and installs them
   for that stage's layers in the per-layer dicts of the forward context. No host sync
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -506,62 +507,3 @@ def _dump_stages(debug_dir: str, kept_log: dict, layouts: dict) -> None:
         path = Path(debug_dir) / f"{STAGES_DUMP_PREFIX}-{os.getpid()}-{_dump_counter:05d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"mm_hash": mm_hash, "stages": stages, "boundaries": per_stage}, path)
-
-
-# ------------------------------------------------------------------------------------------
-# runner hooks (installed by hieravid_vllm.vllm_patches on the model-runner classes)
-# ------------------------------------------------------------------------------------------
-def wrap_runner_methods(cls, mark) -> None:
-    """``execute_model``: marks the real forward steps; ``_get_slot_mappings``: keeps the
-    per-layer slot-mapping dict; ``_build_attention_metadata``: builds the step plan and the
-    per-stage metadata right after vLLM built its own."""
-    import functools
-
-    orig_exec = cls.__dict__.get("execute_model") or getattr(cls, "execute_model")
-    orig_slots = getattr(cls, "_get_slot_mappings")
-    orig_build = getattr(cls, "_build_attention_metadata")
-    if getattr(orig_build, "_hieravid_stages", False):
-        return
-
-    @functools.wraps(orig_exec)
-    def execute_model(self, *args, **kwargs):
-        self._hieravid_in_step = True
-        try:
-            return orig_exec(self, *args, **kwargs)
-        finally:
-            self._hieravid_in_step = False
-
-    @functools.wraps(orig_slots)
-    def _get_slot_mappings(self, *args, **kwargs):
-        by_gid, by_layer = orig_slots(self, *args, **kwargs)
-        self._hieravid_slot_by_layer = by_layer
-        return by_gid, by_layer
-
-    @functools.wraps(orig_build)
-    def _build_attention_metadata(self, *args, **kwargs):
-        attn_metadata, spec = orig_build(self, *args, **kwargs)
-        model = self.get_model()
-        if not getattr(model, "hieravid_stages_enabled", False):
-            return attn_metadata, spec
-        model._hieravid_plan = None
-        if not getattr(self, "_hieravid_in_step", False) or \
-                kwargs.get("for_cudagraph_capture") or kwargs.get("ubatch_slices") is not None:
-            return attn_metadata, spec
-        num_reqs = kwargs.get("num_reqs", args[1] if len(args) > 1 else None)
-        num_tokens = kwargs.get("num_tokens", args[0] if args else None)
-        ids = self.input_batch.req_ids[:num_reqs]
-        if not num_reqs or any(r not in self.requests for r in ids):
-            return attn_metadata, spec
-        plan = build_step_plan(self, model, attn_metadata,
-                               getattr(self, "_hieravid_slot_by_layer", None), num_reqs,
-                               num_tokens)
-        model._hieravid_plan = plan
-        model._hieravid_encoder_cache = self.encoder_cache
-        return attn_metadata, spec
-
-    _build_attention_metadata._hieravid_stages = True
-    for fn in (execute_model, _get_slot_mappings, _build_attention_metadata):
-        setattr(fn, mark, True)
-    cls.execute_model = execute_model
-    cls._get_slot_mappings = _get_slot_mappings
-    cls._build_attention_metadata = _build_attention_metadata

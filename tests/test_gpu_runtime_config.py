@@ -15,7 +15,7 @@ a GPU node does (``vllm.config.vllm.HAS_TRITON``) and nothing else.
   attention metadata, attention+quant fusion, inductor graph partitioning, custom splitting
   ops, batch-invariant mode): full mode falls back to ``input_only`` with a warning naming
   the setting; the resolved config carries ``input_only`` to every process;
-* the worker guard (:func:`hieravid_vllm.vllm_patches.check_worker_setup`) on a real CPU
+* the worker guard (:func:`hieravid_vllm.engine_setup.check_worker_setup`) on a real CPU
   runner: passes as started, refuses a CUDA-graph mode that captures attention and a runner
   class without hooks; vLLM's ``profile_run`` on that runner performs the largest in-LLM
   selection the server can meet (so the KV cache is sized with its workspace counted).

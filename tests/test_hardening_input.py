@@ -169,7 +169,7 @@ def _corrupt_cases(clips) -> dict[str, tuple[bytes, str, str]]:
                           "Could not open video stream"),
         "zero_frame_mp4": (clips["zero"].read_bytes(), "video/mp4",
                            "Could not open video stream"),
-        # decision (hieravid_vllm/media_checks.py): a one-frame clip is rejected, not served
+        # decision (hieravid_vllm/patches/api_server/video_frames.py): a one-frame clip is rejected, not served
         "one_frame_mp4": (clips["one"].read_bytes(), "video/mp4",
                           "needs at least 2 frames per video"),
         "frame_over_pixel_limit": (clips["big"].read_bytes(), "video/mp4",

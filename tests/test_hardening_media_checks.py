@@ -1,4 +1,4 @@
-"""The media patches (:mod:`hieravid_vllm.media_checks`) on vLLM's own loaders, in process.
+"""The media patches (``hieravid_vllm/patches/api_server/``) on vLLM's own loaders, in process.
 
 No server: vLLM's ``VideoMediaIO`` / ``MediaConnector`` are called directly with the
 patches applied, for both video loaders this project's models use (``qwen2_vl``: Qwen2-VL and
@@ -23,15 +23,15 @@ BACKENDS = ["qwen2_vl", "opencv"]
 
 @pytest.fixture(scope="module")
 def patched():
-    from hieravid_vllm import media_checks
+    from hieravid_vllm import patches
 
-    media_checks.apply()
-    media_checks.apply()  # idempotent
+    patches.apply_all()
+    patches.apply_all()  # idempotent
     from vllm.multimodal.media.video import VideoMediaIO
 
-    assert getattr(VideoMediaIO.load_bytes, media_checks._MARK)
-    assert not getattr(VideoMediaIO.load_bytes.__wrapped__, media_checks._MARK, False)
-    return media_checks
+    assert getattr(VideoMediaIO.load_bytes, patches.MARK)
+    assert not getattr(VideoMediaIO.load_bytes.__wrapped__, patches.MARK, False)
+    return patches
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ the same video; the valid one must be a 200 whose greedy answer and prompt-token
 those of the same request on a fresh server that never saw a failure.
 
 * rejected after the video was processed (``max_tokens`` -1 or 0, a second video that does
-  not decode, a client that disconnects at once): without :mod:`hieravid_vllm.mm_cache_sync`
+  not decode, a client that disconnects at once): without :mod:`hieravid_vllm.patches.api_server.mm_sender_cache`
   the API server's shadow cache (P0) believes the engine (P1) holds the video, sends its hash
   only, and the engine's cache miss ("P0/P1 cache drift") becomes a 500; checked with vLLM's
   default ``lru`` cache type (full mode) and with ``shm`` (input_only mode);

@@ -145,12 +145,18 @@ def test_block_key_on_first_video_block_only():
 def test_kv_events_carry_the_request_key():
     """vLLM's BlockPool (real, CPU) publishing KV-cache events for a full-mode video request:
     the block holding the video's first token is announced with the per-request key, as its
-    block hash is (block_pool imported the hasher by name: both names are patched)."""
+    block hash is (block_pool imported the hasher by name: both names are patched). The
+    registry applies the patch; the HieraVid scheduler switches the keys on (``enable``)."""
     from vllm.v1.core import block_pool as bp
     from vllm.v1.core import kv_cache_utils as kcu
 
+    from hieravid_vllm import patches
+    from hieravid_vllm.patches.engine_core import block_hasher
+
+    patches.apply_all()
+    block_hasher.enable()  # what HieraVidScheduler.__init__ does in the engine core
     assert bp.generate_block_hash_extra_keys is kcu.generate_block_hash_extra_keys
-    assert getattr(bp.generate_block_hash_extra_keys, "_hieravid", False)
+    assert getattr(bp.generate_block_hash_extra_keys, patches.MARK, False)
     from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
     from vllm.sampling_params import SamplingParams
     from vllm.v1.request import Request
@@ -225,7 +231,7 @@ def test_full_mode_installs_the_scheduler():
 def test_compacted_tokens_matches_token_simulation():
     rng = random.Random(7)
     for _ in range(200):
-        spans, pos, surv_len = [], rng.randint(0, 10), 0
+        spans, pos = [], rng.randint(0, 10)
         videos = []
         for k in range(rng.randint(1, 3)):
             counts = _random_counts(rng, 4)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import struct
 
-import pytest
 
 from hieravid_vllm import visualize
 from hieravid_vllm.testing.video import detect_cuts, read_video_frames, write_scene_video

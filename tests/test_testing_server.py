@@ -67,11 +67,25 @@ def test_cpu_servers_size_the_kv_cache_in_bytes(tmp_path):
 def _memory_share_uses(path: Path) -> list[str]:
     """Places in a Python file that size a vLLM KV cache as a share of memory: a numeric
     ``gpu_memory_utilization=`` keyword, or a ``--gpu-memory-utilization`` string other than
-    an argparse option name or a membership / lookup test (``"--..." in args``)."""
+    an argparse option name or a membership / lookup test (``"--..." in args``); code inside
+    ``with pytest.raises(...)`` (a test that the share is refused) does not count."""
     tree = ast.parse(path.read_text(), str(path))
     parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def refused(node) -> bool:  # inside ``with pytest.raises(...)``: a test of the refusal
+        while node in parent:
+            node = parent[node]
+            if isinstance(node, ast.With) and any(
+                    isinstance(i.context_expr, ast.Call) and
+                    isinstance(i.context_expr.func, ast.Attribute) and
+                    i.context_expr.func.attr == "raises" for i in node.items):
+                return True
+        return False
+
     found = []
     for node in ast.walk(tree):
+        if refused(node):
+            continue
         if isinstance(node, ast.keyword) and node.arg == "gpu_memory_utilization" and \
                 isinstance(node.value, ast.Constant) and \
                 isinstance(node.value.value, (int, float)):
@@ -87,20 +101,27 @@ def _memory_share_uses(path: Path) -> list[str]:
     return found
 
 
-def test_no_test_demo_or_benchmark_sizes_kv_as_a_share_of_memory():
+def test_no_test_demo_or_benchmark_sizes_kv_as_a_share_of_memory(tmp_path):
     """Every server or engine the suite, the demo and the benchmarks start sizes its KV cache
     in bytes (the conftest guard checks each started server's flags as well)."""
     files = [p for d in ("tests", "benchmarks", "hieravid_vllm")
              for p in sorted((REPO / d).rglob("*.py"))]
-    # the places that may name a share: VLLMServer's CUDA branch, and this file's check
-    # that VLLMServer refuses one on CPU
-    allowed = {REPO / "hieravid_vllm" / "testing" / "server.py", Path(__file__).resolve()}
+    # the one place that may name a share: VLLMServer's CUDA branch (tests of a refusal, in
+    # ``with pytest.raises``, are not counted)
+    allowed = {REPO / "hieravid_vllm" / "testing" / "server.py"}
     uses = [u for p in files if p not in allowed for u in _memory_share_uses(p)]
     assert not uses, uses
-    # the checker does find them
-    probe = REPO / "tests" / "conftest.py"
-    assert _memory_share_uses(probe) == [] and _memory_share_uses(
-        REPO / "hieravid_vllm" / "testing" / "server.py")
+    # the checker does find them, and lets a refusal test through
+    assert _memory_share_uses(REPO / "hieravid_vllm" / "testing" / "server.py")
+    probe = tmp_path / "probe.py"
+    probe.write_text("import pytest\n"
+                     "def f(S):\n"
+                     "    S('m', gpu_memory_utilization=0.2)\n"
+                     "    with pytest.raises(ValueError):\n"
+                     "        S('m', gpu_memory_utilization=0.3)\n"
+                     "    args = ['--gpu-memory-utilization', '0.5']\n")
+    assert _memory_share_uses(probe) == ["probe.py:3 gpu_memory_utilization=0.2",
+                                         "probe.py:6 --gpu-memory-utilization"]
 
 
 def test_root_cause_names_the_buried_error(tmp_path):

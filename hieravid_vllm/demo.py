@@ -619,48 +619,27 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"every server: {' '.join(NO_CACHE_ARGS)}")
     cuda = _cuda_available()
 
-    servers: dict[str, VLLMServer] = {}
+    results: list[RunResult] = []
     for cfg in configs:
-        servers[cfg.name] = VLLMServer(
-            model, extra_args=[*cfg.extra_args, *NO_CACHE_ARGS, *args.vllm_arg],
-            port=args.port, video_fps=fps,
+        print(f"\n--- [{cfg.name}] {cfg.description}")
+        server_args = [*cfg.extra_args, *NO_CACHE_ARGS, *args.vllm_arg]
+        run = RunResult(config=cfg, hieravid=hieravid_config(server_args))
+        server = VLLMServer(
+            model, extra_args=server_args, port=args.port, video_fps=fps,
             allowed_local_media_path=allowed[0] if allowed else None,
             max_model_len=max_model_len, max_num_batched_tokens=mnbt,
             gpu_memory_utilization=args.gpu_memory_utilization if cuda else None,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
             env=cfg.env, log_path=log_dir / f"vllm-{cfg.name}.log",
             startup_timeout=args.startup_timeout)
-    # On CPU the servers start side by side (start-up is most of the demo's time) and are
-    # measured one after another (an idle vLLM server takes no CPU). One GPU cannot hold two
-    # servers of a real checkpoint: there they start one after another.
-    started: dict[str, object] = {}
-    if not cuda and args.port is None and len(configs) > 1:
-        import concurrent.futures as cf
-
-        print(f"\nstarting {len(servers)} servers side by side: "
-              f"{', '.join(servers)}")
-        t0 = time.perf_counter()
-        with cf.ThreadPoolExecutor(len(servers)) as ex:
-            futures = {name: ex.submit(srv.start) for name, srv in servers.items()}
-        for name, fut in futures.items():
-            started[name] = fut.exception() or time.perf_counter() - t0
-
-    results: list[RunResult] = []
-    for cfg in configs:
-        print(f"\n--- [{cfg.name}] {cfg.description}")
-        server = servers[cfg.name]
-        run = RunResult(config=cfg, hieravid=hieravid_config(server.args))
         run.log_path = str(server.log_path)
         print(f"$ {shlex.join(server.command)}")
         print(f"  log: {server.log_path}")
         try:
-            if isinstance(started.get(cfg.name), BaseException):
-                raise started[cfg.name]
-            if cfg.name not in started:
-                server.start()
-            try:
+            t0 = time.perf_counter()
+            with server:
                 run.startup_s = server.startup_seconds
-                print(f"  server ready on {server.url} after {server.startup_seconds:.1f} s")
+                print(f"  server ready on {server.url} after {time.perf_counter() - t0:.1f} s")
                 labels = cache_config_labels(server.metrics_text())
                 run.num_gpu_blocks = int(labels.get("num_gpu_blocks") or 0) or None
                 run.block_size = int(labels.get("block_size") or 0) or None
@@ -689,8 +668,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"  {tag:<16} clip {i}: prompt {res.prompt_tokens} tokens, TTFT "
                           f"{_fmt_s(res.ttft_s)}, prefill {_fmt_s(res.prefill_s)}, KV held "
                           f"{kv}{' (not counted)' if warm else ''}")
-            finally:
-                server.stop()
             print("  server stopped")
             run.ok = True
         except Exception as exc:  # noqa: BLE001 - reported (log tail included); next config

@@ -16,9 +16,7 @@ fi
 
 echo "[setup_env] preparing $VENV (first run takes a few minutes)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-# --no-compile: pip would byte-compile every file of torch, vLLM and transformers (most never
-# imported); Python compiles what is imported on first use instead (~40 s less here).
-pip_() { "$VENV/bin/python" -m pip install --disable-pip-version-check --no-compile -q "$@"; }
+pip_() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
 # torch first, pinned to the CPU wheel, so nothing later pulls a CUDA build.
 pip_ "torch==2.13.0"
 pip_ -e ".[cpu,test,bench]" "torch==2.13.0"

@@ -33,29 +33,36 @@ def _fetch_error(url: str, e: BaseException) -> Exception:
     return VLLMValidationError(f"Could not fetch media from {url}: {reason}")
 
 
+def _as_client_error(url, e: BaseException):
+    """The 400 for a network error left after vLLM's retries on an ``http(s)`` URL; None for
+    anything else (re-raised as it is)."""
+    if isinstance(e, client_error_types()) or not isinstance(e, network_error_types()) or \
+            not _is_http(url):
+        return None
+    return _fetch_error(url, e)
+
+
 def apply(module) -> None:
     def make_async(orig):
         async def load_from_url_async(self, url, media_io, *args, **kwargs):
             try:
                 return await orig(self, url, media_io, *args, **kwargs)
-            except client_error_types():
-                raise
-            except network_error_types() as e:
-                if not _is_http(url):
+            except Exception as e:
+                err = _as_client_error(url, e)
+                if err is None:
                     raise
-                raise _fetch_error(url, e) from e
+                raise err from e
         return load_from_url_async
 
     def make_sync(orig):
         def load_from_url(self, url, media_io, *args, **kwargs):
             try:
                 return orig(self, url, media_io, *args, **kwargs)
-            except client_error_types():
-                raise
-            except network_error_types() as e:
-                if not _is_http(url):
+            except Exception as e:
+                err = _as_client_error(url, e)
+                if err is None:
                     raise
-                raise _fetch_error(url, e) from e
+                raise err from e
         return load_from_url
 
     wrap(module.MediaConnector, "load_from_url_async", make_async)

@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hieravid_vllm.testing.server import parse_metrics
+from hieravid_vllm.testing.server import _cuda_available, parse_metrics
 
 
 @dataclass(frozen=True)
@@ -373,12 +373,6 @@ def _plugin_status() -> str:
     if "hieravid" in names:
         return "hieravid (vllm.general_plugins entry point; vLLM loads it in every process)"
     return "NOT INSTALLED (pip install -e . registers the 'hieravid' entry point)"
-
-
-def _cuda_available() -> bool:
-    from hieravid_vllm.testing.server import _cuda_available as cuda
-
-    return cuda()
 
 
 # -----------------------------------------------------------------------------------------

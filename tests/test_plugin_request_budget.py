@@ -59,10 +59,6 @@ def _chat(server, path, budget=None, **extra):
                 extra_body=extra or None).usage.prompt_tokens
 
 
-def _prefix_hits(server) -> float:
-    return server.metric("vllm:prefix_cache_hits_total")
-
-
 # -------------------------------------------------------------------------------------------
 ORDER = (None, 0.2, 0.5)  # requests of the first test, in this order
 
@@ -106,11 +102,11 @@ def test_other_budget_shares_no_cached_video_blocks(server, model, videos):
     before_video = len(tok(hf.text.split("<|vision_start|>")[0] + "<|vision_start|>",
                            add_special_tokens=False)["input_ids"])
     _chat(server, videos["b"], 0.2)
-    h0 = _prefix_hits(server)
+    h0 = server.metric("vllm:prefix_cache_hits_total")
     _chat(server, videos["b"], 0.5)  # same video and text, other budget
-    h1 = _prefix_hits(server)
+    h1 = server.metric("vllm:prefix_cache_hits_total")
     _chat(server, videos["b"], 0.5)  # same budget again: the video comes from the cache
-    h2 = _prefix_hits(server)
+    h2 = server.metric("vllm:prefix_cache_hits_total")
     assert h1 - h0 <= before_video
     assert h2 - h1 >= before_video + expected_kept(t, per_frame, 0.5)
 

@@ -209,11 +209,11 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
     any_layer = next(iter(attn_metadata))
     padded_rows = int(slot_by_layer[any_layer].shape[0]) if slot_by_layer else num_tokens
     device = runner.device
-    names_by_stage = getattr(model, "_hieravid_names_by_stage", None)
+    names_by_stage = model.hieravid_state.names_by_stage
     if names_by_stage is None:  # layer names never change: grouped once per model
         names_by_stage = {g: set(n) for g, n in
                           stage_layer_names(attn_metadata.keys(), boundaries).items()}
-        model._hieravid_names_by_stage = names_by_stage
+        model.hieravid_state.names_by_stage = names_by_stage
     is_prefilling = torch.from_numpy(nc[0] < np.asarray([r.num_prompt for r in reqs]))
     from vllm.v1.attention.backend import CommonAttentionMetadata  # worker only
 
@@ -413,11 +413,64 @@ def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
 STAGES_DUMP_PREFIX = "stages"
 
 
+class StageState:
+    """A worker's HieraVid stage state, owned by the model, each part freed on vLLM's own
+    lifecycle events (fed by the runner patch :mod:`hieravid_vllm.patches.worker.stage_state`):
+
+    * ``layouts``: the input stage's (segment_ids, num_segments, kept_indices) of a video, per
+      encoder-cache entry (``mm_hash``). ``embed_multimodal`` hands each video's layout in
+      with its output row (:meth:`add_output`); the runner pairs the row with its ``mm_hash``
+      when it caches it (:meth:`cache_output`) and frees it with the encoder-cache entry
+      (:meth:`free_outputs`, the scheduler's ``free_encoder_mm_hashes``). Rows not cached by
+      the end of the encoder run (vLLM's profiling) are dropped (:meth:`end_encoder_run`).
+    * ``videos``: a request's :class:`VideoSpan` list, computed on first use, freed when the
+      runner drops the request's state (:meth:`free_request`).
+    * the step plan: set by the runner hook for the step (:meth:`set_plan`), taken once by the
+      model's forward (:meth:`take_plan`).
+    * ``names_by_stage``: attention layer names per stage (constant per model).
+    """
+
+    def __init__(self) -> None:
+        self._pending: Dict[int, tuple] = {}  # id(row) -> (row, layout), one encoder run
+        self.layouts: Dict[str, tuple] = {}
+        self.videos: Dict[str, List[VideoSpan]] = {}
+        self._plan: Optional[StepPlan] = None
+        self.names_by_stage: Optional[Dict[int, set]] = None
+
+    # encoder outputs
+    def add_output(self, row: torch.Tensor, layout: tuple) -> None:
+        self._pending[id(row)] = (row, layout)  # the row is held: its id stays unique
+
+    def cache_output(self, mm_hash: str, output) -> None:
+        item = self._pending.pop(id(output), None)
+        if item is not None and item[0] is output:
+            self.layouts[mm_hash] = item[1]
+
+    def free_outputs(self, mm_hashes) -> None:
+        for h in mm_hashes:
+            self.layouts.pop(h, None)
+
+    def end_encoder_run(self) -> None:
+        self._pending.clear()
+
+    # requests
+    def free_request(self, req_id: str) -> None:
+        self.videos.pop(req_id, None)
+
+    # the step plan
+    def set_plan(self, plan: Optional[StepPlan]) -> None:
+        self._plan = plan
+
+    def take_plan(self) -> Optional[StepPlan]:
+        plan, self._plan = self._plan, None
+        return plan
+
+
 class HieraVidStagesMixin:
     """Adds the in-LLM stages to a HieraVid model class.
 
-    Subclasses attach ``hieravid_layout`` = (segment_ids, num_segments, kept_indices) of the input stage to each
-    video embedding they return from ``embed_multimodal``.
+    Subclasses hand each video embedding they return from ``embed_multimodal`` to
+    :meth:`hieravid_add_video_output` with its input-stage layout.
     """
 
     def _hieravid_stages_setup(self) -> None:
@@ -427,14 +480,18 @@ class HieraVidStagesMixin:
         self.hieravid_stages_enabled = opts is not None and opts.config.mode == "full"
         L = num_llm_layers(self.config)
         self.hieravid_boundaries = list(opts.config.stage_boundaries(L)) if opts else [0]
-        self._hieravid_plan: Optional[StepPlan] = None
-        self._hieravid_encoder_cache = None
-        self._hieravid_req_videos: Dict[str, List[VideoSpan]] = {}
+        self.hieravid_state = StageState()
+
+    def hieravid_add_video_output(self, row: torch.Tensor, res) -> None:
+        """Record the input-stage layout of a video's output row (full mode only)."""
+        if self.hieravid_stages_enabled:
+            self.hieravid_state.add_output(row, (res.segment_ids, res.num_segments,
+                                                 res.kept_indices))
 
     def hieravid_request_videos(self, state) -> List[VideoSpan]:
         """The pruned videos of a request (worker side, from its multimodal features)."""
         rid = state.req_id
-        hit = self._hieravid_req_videos.get(rid)
+        hit = self.hieravid_state.videos.get(rid)
         if hit is not None:
             return hit
         from hieravid_vllm.models.common import (num_llm_layers, stage_schedule,
@@ -456,14 +513,12 @@ class HieraVidStagesMixin:
             out.append(VideoSpan(int(f.mm_position.offset), length, counts, uses,
                                  f.identifier, cfg))
         out.sort(key=lambda v: v.offset)
-        if len(self._hieravid_req_videos) > 4096:
-            self._hieravid_req_videos.clear()
-        self._hieravid_req_videos[rid] = out
+        self.hieravid_state.videos[rid] = out
         return out
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                 **kwargs):
-        plan, self._hieravid_plan = self._hieravid_plan, None
+        plan = self.hieravid_state.take_plan()
         if plan is None or not plan.selecting or intermediate_tensors is not None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
                                    **kwargs)
@@ -473,8 +528,7 @@ class HieraVidStagesMixin:
         layouts = {}
         for r in plan.reqs:
             for v in r.selecting:
-                emb = self._hieravid_encoder_cache.get(v.mm_hash)
-                layout = getattr(emb, "hieravid_layout", None)
+                layout = self.hieravid_state.layouts.get(v.mm_hash)
                 if layout is None:
                     raise RuntimeError("HieraVid: no segment layout for a video prefilled in "
                                        "this step (encoder output missing)")

@@ -17,8 +17,12 @@ a GPU node does (``vllm.config.vllm.HAS_TRITON``) and nothing else.
   the setting; the resolved config carries ``input_only`` to every process;
 * the worker guard (:func:`hieravid_vllm.engine_setup.check_worker_setup`) on a real CPU
   runner: passes as started, refuses a CUDA-graph mode that captures attention and a runner
-  class without hooks; vLLM's ``profile_run`` on that runner performs the largest in-LLM
-  selection the server can meet (so the KV cache is sized with its workspace counted).
+  class without hooks, and a real engine start whose worker builds an unhooked runner class
+  stops with the guard's message; vLLM's ``profile_run`` on that runner performs the largest in-LLM
+  selection the server can meet (so the KV cache is sized with its workspace counted);
+* the model's stage state (:class:`hieravid_vllm.stages.StageState`) on that real engine:
+  after each of twelve videos it holds a layout exactly for the video encoder outputs vLLM
+  still caches, no per-request entries, nothing pending.
 """
 from __future__ import annotations
 
@@ -141,7 +145,26 @@ def test_defaults_keep_full_mode(gpu_like):
 # ------------------------------------------------------------------------------------------
 # the worker guard on a real CPU runner (in a child process: one in-process engine)
 # ------------------------------------------------------------------------------------------
-def _guard_on_real_runner(model: str) -> dict:
+def _stage_state_lifecycle(llm, runner, model_obj, video_paths) -> list:
+    """Serve the videos one after another; after each, what the model's stage state holds
+    next to what vLLM holds (its encoder cache and request states)."""
+    from vllm import SamplingParams
+
+    st = model_obj.hieravid_state
+    seen = []
+    for path in video_paths:
+        msgs = [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": f"file://{path}"}},
+            {"type": "text", "text": "What happens?"}]}]
+        out = llm.chat(msgs, SamplingParams(max_tokens=2, temperature=0.0))
+        seen.append({"layouts": sorted(st.layouts), "encoder_cache": sorted(runner.encoder_cache),
+                     "videos": sorted(st.videos), "requests": sorted(runner.requests),
+                     "pending": len(st._pending), "tokens": len(out[0].outputs[0].token_ids),
+                     "prompt": len(out[0].prompt_token_ids)})
+    return seen
+
+
+def _guard_on_real_runner(model: str, video_paths=()) -> dict:
     import os
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and worker here
@@ -153,6 +176,8 @@ def _guard_on_real_runner(model: str) -> dict:
 
     llm = LLM(model, dtype="float32", max_model_len=1024, enforce_eager=True,
               kv_cache_memory_bytes=kv_cache_bytes(model, 4096),
+              allowed_local_media_path="/", media_io_kwargs={"video": {"fps": 8.0}},
+              enable_prefix_caching=False,
               additional_config={"hieravid": {"budget": 0.3}})
     core = llm.llm_engine.engine_core.engine_core
     runner = core.model_executor.driver_worker.worker.model_runner
@@ -160,6 +185,7 @@ def _guard_on_real_runner(model: str) -> dict:
     out = {"runner": f"{type(runner).__module__}.{type(runner).__name__}",
            "backends": sorted(_attention_backends(model_obj))}
     check_worker_setup(runner, model_obj)  # as started: passes
+    out["lifecycle"] = _stage_state_lifecycle(llm, runner, model_obj, video_paths)
     # vLLM's own memory profile (the CPU worker skips it with an explicit KV size: run it)
     runner.profile_run()
     out["profiled"] = list(getattr(runner, "hieravid_profiled_selection", ()))
@@ -185,14 +211,37 @@ def _guard_on_real_runner(model: str) -> dict:
     return out
 
 
-@pytest.mark.vllm
-def test_worker_guard_on_a_real_cpu_runner():
+def _run_isolated(fn, *args):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from _common import run_isolated
 
-    out = run_isolated(_guard_on_real_runner, str(build_tiny_model("qwen2_5_vl")),
-                       timeout=600)
+    return run_isolated(fn, *args, timeout=600)
+
+
+N_LIFECYCLE_VIDEOS = 12
+
+
+@pytest.mark.vllm
+def test_worker_guard_on_a_real_cpu_runner(make_videos):
+    # ~460 kept tokens each: vLLM's 4096-token encoder cache must evict to take them all
+    clips = make_videos({f"v{i}": dict(num_frames=48, width=224, height=224, seed=40 + i)
+                         for i in range(N_LIFECYCLE_VIDEOS)})
+    out = _run_isolated(_guard_on_real_runner, str(build_tiny_model("qwen2_5_vl")),
+                        [str(clips[f"v{i}"]) for i in range(N_LIFECYCLE_VIDEOS)])
     assert "error" not in out, out
+    # the stage state follows vLLM's lifecycles: a layout exactly per cached video encoder
+    # output (freed with the entry), video spans only for requests the runner still holds
+    # (vLLM drops a finished request at its next step), nothing pending
+    life = out["lifecycle"]
+    assert len(life) == N_LIFECYCLE_VIDEOS and all(s["tokens"] == 2 for s in life), life
+    for s in life:
+        assert s["layouts"] and s["layouts"] == s["encoder_cache"], s
+        assert s["videos"] == s["requests"] and len(s["requests"]) <= 1, s
+        assert s["pending"] == 0, s
+    held = [r for s in life for r in s["requests"]]
+    assert len(held) == len(set(held)), life  # earlier requests' spans were freed
+    # entries were freed on the way (with their layouts: the equality above held throughout)
+    assert len({h for s in life for h in s["layouts"]}) > max(len(s["layouts"]) for s in life)
     assert out["runner"] == "vllm.v1.worker.cpu_model_runner.CPUModelRunner"
     assert out["backends"] == ["CPU_ATTN"]
     assert "CUDA graph mode FULL" in out["full_graphs"] and "PIECEWISE" in out["full_graphs"]
@@ -202,6 +251,39 @@ def test_worker_guard_on_a_real_cpu_runner():
     n, target = out["profiled"]
     assert n == min(out["max_video_tokens"], out["max_num_tokens"]) > 100
     assert 0 < target < n
+
+
+def _start_with_unhooked_runner(model: str) -> dict:
+    import os
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    from hieravid_vllm.testing.server import kv_cache_bytes
+
+    try:
+        LLM(model, dtype="float32", max_model_len=1024, enforce_eager=True,
+            kv_cache_memory_bytes=kv_cache_bytes(model, 4096),
+            worker_cls="hieravid_vllm.testing.workers.UnhookedRunnerCPUWorker",
+            additional_config={"hieravid": {"budget": 0.3}})
+    except Exception as e:  # the start must fail, with the guard's message in the chain
+        msgs, err = [], e
+        while err is not None:
+            msgs.append(f"{type(err).__name__}: {err}")
+            err = err.__cause__ or err.__context__
+        return {"started": False, "errors": msgs}
+    return {"started": True}
+
+
+@pytest.mark.vllm
+def test_engine_start_with_an_unhooked_runner_is_refused():
+    """A real engine start whose worker builds a runner class the plugin has no hooks for
+    (vLLM's CPU runner under another name, via ``worker_cls``) stops at the worker guard."""
+    out = _run_isolated(_start_with_unhooked_runner, str(build_tiny_model("qwen2_5_vl")))
+    assert out.get("started") is False, out
+    text = "\n".join(out["errors"])
+    assert "hieravid_vllm.testing.workers.UnhookedCPUModelRunner has no HieraVid hooks" in text
+    assert V2_ENV in text
 
 
 def test_v2_runner_class_is_refused_when_imported():

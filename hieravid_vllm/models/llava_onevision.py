@@ -64,6 +64,6 @@ class HieraVidLlavaOnevisionForConditionalGeneration(HieraVidStagesMixin,
                 feats = emb[:-1].reshape(f, side, side, emb.shape[-1])
                 res = prune_video(feats, opts, self.hieravid_num_layers)
                 row = torch.cat([res.features.to(emb.dtype), emb[-1:]], dim=0)
-                row.hieravid_layout = (res.segment_ids, res.num_segments, res.kept_indices)
+                self.hieravid_add_video_output(row, res)
                 out += (row,)
         return out

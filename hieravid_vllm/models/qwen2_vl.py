@@ -72,7 +72,7 @@ class HieraVidQwenModelMixin(HieraVidMRoPEMixin, HieraVidStagesMixin):
                 res = prune_video(feats, item_opts[i], self.hieravid_num_layers)
                 t_scale = float(sec[i]) * tps if sec is not None else 1.0
                 row = append_position_channels(res.features.to(emb.dtype), res.thw, t_scale)
-                row.hieravid_layout = (res.segment_ids, res.num_segments, res.kept_indices)
+                self.hieravid_add_video_output(row, res)
                 out += (row,)
         return out
 

@@ -57,6 +57,10 @@ imports the runners):
   in-LLM selection in the memory profile;
 * ``stage_hooks``: ``GPUModelRunner.execute_model`` / ``._get_slot_mappings`` /
   ``._build_attention_metadata`` -- per-stage attention metadata (full mode);
+* ``stage_state``: ``GPUModelRunner._execute_mm_encoder`` / ``._cache_encoder_output`` /
+  ``._process_encoder_cache_scheduler_output`` / ``._on_request_state_removed`` -- the
+  lifecycle of the model's stage state (video layouts per encoder-cache entry, video spans
+  per request);
 * ``v2_refusal``: ``vllm.v1.worker.gpu.model_runner.GPUModelRunner.load_model`` -- Model
   Runner V2 refuses a HieraVid model.
 
@@ -86,7 +90,8 @@ from hieravid_vllm.patches.api_server import (cli_args, engine_config, input_pro
                                               local_files, media_fetch, mm_client_confirm,
                                               mm_sender_cache, video_frames, video_io)
 from hieravid_vllm.patches.engine_core import block_hasher, kv_cache_groups, stage_kv_manager
-from hieravid_vllm.patches.worker import load_model, profile_run, stage_hooks, v2_refusal
+from hieravid_vllm.patches.worker import (load_model, profile_run, stage_hooks, stage_state,
+                                          v2_refusal)
 
 __all__ = ["MARK", "PATCHES", "Patch", "apply_all", "is_wrapped", "missing", "require",
            "resolve", "wrap", "wrap_instance"]
@@ -145,6 +150,7 @@ PATCHES: Tuple[Patch, ...] = (
           load_model.apply_cpu, lazy=True),
     _entry(profile_run, "worker", lazy=True),
     _entry(stage_hooks, "worker", lazy=True),
+    _entry(stage_state, "worker", lazy=True),
     _entry(v2_refusal, "worker", lazy=True),
 )
 

@@ -4,7 +4,8 @@
 What: ``execute_model`` marks the real forward steps; ``_get_slot_mappings`` keeps the
 per-layer slot-mapping dict; ``_build_attention_metadata`` builds the step plan and one
 attention metadata and slot mapping per stage (:func:`hieravid_vllm.stages.build_step_plan`)
-right after vLLM built its own, and hands the plan to the model. Arguments are read by name
+right after vLLM built its own, and hands the plan to the model's
+:class:`hieravid_vllm.stages.StageState` for this step's forward. Arguments are read by name
 (``inspect.signature(...).bind``), not by position.
 Why: vLLM builds one attention metadata per KV cache group for all layers; HieraVid's later
 stages attend over fewer (compacted) tokens.
@@ -49,7 +50,7 @@ def apply(module) -> None:
             model = self.get_model()
             if not getattr(model, "hieravid_stages_enabled", False):
                 return attn_metadata, spec
-            model._hieravid_plan = None
+            model.hieravid_state.set_plan(None)
             bound = sig.bind(self, *args, **kwargs).arguments
             if not getattr(self, "_hieravid_in_step", False) or \
                     bound.get("for_cudagraph_capture") or \
@@ -64,8 +65,7 @@ def apply(module) -> None:
             plan = build_step_plan(self, model, attn_metadata,
                                    getattr(self, "_hieravid_slot_by_layer", None), num_reqs,
                                    num_tokens)
-            model._hieravid_plan = plan
-            model._hieravid_encoder_cache = self.encoder_cache
+            model.hieravid_state.set_plan(plan)
             return attn_metadata, spec
         return _build_attention_metadata
 

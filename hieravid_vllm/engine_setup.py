@@ -199,6 +199,9 @@ def stages_unsupported_reason(engine_args) -> Optional[str]:
             return f"context parallelism ({flag})"
     if getattr(engine_args, "kv_transfer_config", None) is not None:
         return "KV connectors (--kv-transfer-config: they expect one KV cache group)"
+    if getattr(engine_args, "ec_transfer_config", None) is not None:
+        return ("encoder-cache connectors (--ec-transfer-config: a video's input-stage segment "
+                "layout, which the stages select by, does not travel with its encoder output)")
     if getattr(engine_args, "disable_hybrid_kv_cache_manager", None):
         return "--disable-hybrid-kv-cache-manager (the stages need one KV cache group each)"
     if getattr(engine_args, "async_scheduling", None):

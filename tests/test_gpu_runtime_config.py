@@ -11,6 +11,7 @@ a GPU node does (``vllm.config.vllm.HAS_TRITON``) and nothing else.
   V2 (the check can fail); an explicit ``VLLM_USE_V2_MODEL_RUNNER=1`` or a V2-only feature
   (watermarking) stops start-up naming it;
 * settings the in-LLM stages cannot follow (LoRA, context parallelism, KV connectors,
+  encoder-cache connectors,
   ``--disable-hybrid-kv-cache-manager``, ``--async-scheduling``, CUDA graphs that capture
   attention metadata, attention+quant fusion, inductor graph partitioning, custom splitting
   ops, batch-invariant mode): full mode falls back to ``input_only`` with a warning naming
@@ -94,6 +95,9 @@ FALLBACKS = [
     (dict(prefill_context_parallel_size=2), "--prefill-context-parallel-size"),
     (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
      "--kv-transfer-config"),
+    (dict(ec_transfer_config={"ec_connector": "ECExampleConnector", "ec_role": "ec_consumer",
+                              "ec_connector_extra_config": {"shared_storage_path": "/tmp/ec"}}),
+     "--ec-transfer-config"),
     (dict(disable_hybrid_kv_cache_manager=True), "--disable-hybrid-kv-cache-manager"),
     (dict(async_scheduling=True), "--async-scheduling"),
     (dict(compilation_config={"cudagraph_mode": "FULL"}), "cudagraph_mode=FULL"),

@@ -402,6 +402,34 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def tpot(r: RequestResult) -> float | None:
+    """Seconds per output token after the first (None with fewer than 2 tokens)."""
+    if not r.ok or not r.completion_tokens or r.completion_tokens < 2 or r.ttft_s is None:
+        return None
+    return (r.latency_s - r.ttft_s) / (r.completion_tokens - 1)
+
+
+def decode_tokens_per_s(ok: Sequence[RequestResult]) -> float | None:
+    """Output tokens per second after prefill: every request's tokens after its first, over
+    the wall time during which at least one request was past its first token (the union of
+    the intervals [first token, end])."""
+    spans = sorted((r.start_s + r.ttft_s, r.end_s) for r in ok
+                   if r.completion_tokens and r.completion_tokens > 1 and r.ttft_s is not None)
+    if not spans:
+        return None
+    total, cur_a, cur_b = 0.0, spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a > cur_b:
+            total += cur_b - cur_a
+            cur_a, cur_b = a, b
+        else:
+            cur_b = max(cur_b, b)
+    total += cur_b - cur_a
+    tokens = sum(r.completion_tokens - 1 for r in ok
+                 if r.completion_tokens and r.completion_tokens > 1 and r.ttft_s is not None)
+    return tokens / total if total > 0 else None
+
+
 def summarize_level(results: Sequence[RequestResult], wall_s: float,
                     peaks: dict[str, float]) -> dict:
     ok = [r for r in results if r.ok]
@@ -419,6 +447,9 @@ def summarize_level(results: Sequence[RequestResult], wall_s: float,
         "ttft_p90_s": percentile([r.ttft_s for r in ok], 90),
         "latency_p50_s": percentile([r.latency_s for r in ok], 50),
         "latency_p90_s": percentile([r.latency_s for r in ok], 90),
+        # after prefill: time per output token after the first, and decode throughput
+        "tpot_p50_s": percentile([tpot(r) for r in ok if tpot(r) is not None], 50),
+        "decode_tokens_per_s": decode_tokens_per_s(ok),
         "wall_s": wall_s,
         "requests_per_s": len(ok) / wall_s if wall_s > 0 else None,
         "output_tokens_per_s": out_tokens / wall_s if wall_s > 0 else None,
@@ -674,6 +705,9 @@ def add_ratios(report: dict) -> None:
                 "requests_per_s": _ratio(s["requests_per_s"], b["requests_per_s"]),
                 "output_tokens_per_s": _ratio(s["output_tokens_per_s"],
                                               b["output_tokens_per_s"]),
+                "tpot_p50": _ratio(s.get("tpot_p50_s"), b.get("tpot_p50_s")),
+                "decode_tokens_per_s": _ratio(s.get("decode_tokens_per_s"),
+                                              b.get("decode_tokens_per_s")),
                 "kv_cache_usage_peak": _ratio(s["kv_cache_usage_peak"],
                                               b["kv_cache_usage_peak"]),
             }
@@ -700,15 +734,16 @@ def markdown_table(report: dict) -> str:
     lines = [
         "| config | retention | conc. | prompt tok | TTFT p50 (s) | TTFT p90 (s) | E2E p50 (s) "
         "| E2E p90 (s) | req/s | out tok/s | KV peak (tok) | fail | prompt x | TTFT x | req/s x "
-        "| out tok/s x | KV x |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| out tok/s x | KV x | TPOT p50 (ms) | decode tok/s | TPOT x | decode tok/s x |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "---:|---:|---:|---:|",
     ]
     for c in report["configs"]:
         if c.get("status") == "skipped":
             continue
         if not c["levels"]:
             lines.append(f"| {_label(c)} | {c['retention']:g} | - | " + " | ".join(
-                ["-"] * 13) + f" | {c.get('status')}: {c.get('error', '')[:80].replace('|', '/')} |")
+                ["-"] * 17) + f" | {c.get('status')}: {c.get('error', '')[:80].replace('|', '/')} |")
             continue
         for level, s in c["levels"].items():
             r = s.get("ratios", {})
@@ -721,7 +756,10 @@ def markdown_table(report: dict) -> str:
                 f"{_kv(s)} | "
                 f"{s['failures']}/{s['requests']} | {_fmt(r.get('prompt_tokens'))} | "
                 f"{_fmt(r.get('ttft_p50'))} | {_fmt(r.get('requests_per_s'))} | "
-                f"{_fmt(r.get('output_tokens_per_s'))} | {_fmt(r.get('kv_cache_usage_peak'))} |")
+                f"{_fmt(r.get('output_tokens_per_s'))} | {_fmt(r.get('kv_cache_usage_peak'))} | "
+                f"{_fmt(None if s.get('tpot_p50_s') is None else s['tpot_p50_s'] * 1e3, '.1f')} | "
+                f"{_fmt(s.get('decode_tokens_per_s'), '.1f')} | {_fmt(r.get('tpot_p50'))} | "
+                f"{_fmt(r.get('decode_tokens_per_s'))} |")
     return "\n".join(lines)
 
 
@@ -882,6 +920,14 @@ def parse_requests(spec: str, levels: Sequence[int]) -> dict[int, int]:
     return dict(zip(levels, vals))
 
 
+#: --workload presets (explicit --concurrency / --requests / --max-tokens win)
+WORKLOADS = {
+    "default": {"concurrency": ",".join(map(str, DEFAULT_CONCURRENCY)), "requests": "8",
+                "max_tokens": 32},
+    "decode-heavy": {"concurrency": "16", "requests": "16", "max_tokens": 256},
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python benchmarks/serve.py",
@@ -901,9 +947,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "always run")
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS),
                    help="retention budgets for HieraVid / EVS / VidCom2")
-    p.add_argument("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
+    p.add_argument("--workload", default="default", choices=sorted(WORKLOADS),
+                   help="defaults for --concurrency/--requests/--max-tokens: 'default' "
+                        f"{WORKLOADS['default']}; 'decode-heavy' {WORKLOADS['decode-heavy']} "
+                        "(16 running video requests decoding 256 tokens each: compare TPOT "
+                        "and decode tok/s); explicit flags win")
+    p.add_argument("--concurrency", default=None,
                    help="concurrency levels (comma separated)")
-    p.add_argument("--requests", default="8",
+    p.add_argument("--requests", default=None,
                    help="requests per level: one number N (max(N, concurrency) per level) or "
                         "one per level")
     p.add_argument("--frames", default="16,32,48,64",
@@ -913,7 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "keep the Qwen grid exact)")
     p.add_argument("--fps", type=float, default=8.0,
                    help="frame rate of the clips and of vLLM's sampling (every frame used)")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--no-ignore-eos", action="store_true",
                    help="let generation stop at EOS (default: ignore_eos, fixed output length)")
     p.add_argument("--question", default=QUESTION)
@@ -968,6 +1019,9 @@ def main(argv: Sequence[str] | None = None, server_factory: Callable | None = No
 
 def _main(args, argv, server_factory) -> dict:
     t_start = time.perf_counter()
+    for key, value in WORKLOADS[args.workload].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     if any(not 0.0 < b < 1.0 for b in budgets):
         raise SystemExit(f"--budgets: values in (0, 1) expected, got {args.budgets!r}")

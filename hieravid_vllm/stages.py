@@ -118,12 +118,18 @@ def compacted_tokens(spans, g: int, n: int) -> int:
 def plan_requests(reqs: List[_ReqPlan], num_stages: int):
     """Per stage: (query lens, computed-prefix lens) in compacted coordinates; checks that
     every request either selects in this step (whole video + last prompt token scheduled) or
-    has no video token in it."""
-    q = np.zeros((num_stages, len(reqs)), dtype=np.int64)
-    nc = np.zeros((num_stages, len(reqs)), dtype=np.int64)
+    has no video token in it. Requests without a video count their tokens as they are (one
+    vectorised fill); only requests with a video are visited."""
+    n = len(reqs)
+    start = np.fromiter((r.start for r in reqs), dtype=np.int64, count=n)
+    num = np.fromiter((r.num_tokens for r in reqs), dtype=np.int64, count=n)
+    q = np.broadcast_to(num, (num_stages, n)).copy()
+    nc = np.broadcast_to(start, (num_stages, n)).copy()
     for i, r in enumerate(reqs):
-        s, e = r.start, r.start + r.num_tokens
         r.selecting = []
+        if not r.videos:
+            continue
+        s, e = r.start, r.start + r.num_tokens
         for v in r.videos:
             if v.end <= s or v.offset >= e:
                 continue
@@ -137,7 +143,7 @@ def plan_requests(reqs: List[_ReqPlan], num_stages: int):
             raise RuntimeError("HieraVid: the last prompt token must be in the step that "
                                "prefills the video")
         spans = [(v.offset, v.counts) for v in r.videos]
-        for g in range(num_stages):
+        for g in range(1, num_stages):  # stage 0 keeps every token it was given
             nc[g, i] = compacted_tokens(spans, g, s)
             q[g, i] = compacted_tokens(spans, g, e) - nc[g, i]
     return q, nc
@@ -145,13 +151,17 @@ def plan_requests(reqs: List[_ReqPlan], num_stages: int):
 
 def _slot_mapping(block_table: np.ndarray, block_size: int, nc: np.ndarray, q: np.ndarray,
                   total: int) -> np.ndarray:
+    """KV slots of the ``q[i]`` tokens of request ``i`` that follow its ``nc[i]`` cached ones
+    (vectorised over the batch); rows past them (padding) are -1."""
     out = np.full(total, -1, dtype=np.int64)
-    k = 0
-    for i in range(len(q)):
-        j = np.arange(nc[i], nc[i] + q[i], dtype=np.int64)
-        out[k:k + q[i]] = block_table[i, j // block_size].astype(np.int64) * block_size + \
+    q = np.asarray(q, dtype=np.int64)
+    n = int(q.sum())
+    if n:
+        req = np.repeat(np.arange(len(q)), q)
+        first = np.cumsum(q) - q
+        j = np.asarray(nc, dtype=np.int64)[req] + np.arange(n, dtype=np.int64) - first[req]
+        out[:n] = block_table[req, j // block_size].astype(np.int64) * block_size + \
             j % block_size
-        k += int(q[i])
     return out
 
 
@@ -318,17 +328,13 @@ def _select_rows(plan: StepPlan, g: int, stream: torch.Tensor, seq_pos: torch.Te
                  req_of_row: torch.Tensor, seg_state: Dict[tuple, tuple],
                  kept_log: Optional[dict]) -> torch.Tensor:
     """Row indices (into the current rows) that stage ``g`` keeps, in order."""
-    keep_parts = []
     n_rows = stream.shape[0]
-    rows_all = torch.arange(n_rows, device=stream.device)
+    keep_mask = torch.ones(n_rows, dtype=torch.bool, device=stream.device)
     for r in plan.reqs:
-        mask = req_of_row == r.index
-        rows = rows_all[mask]
-        if not r.selecting:
-            keep_parts.append(rows)
+        if not r.selecting:  # rows of other requests (and CUDA-graph padding) are kept
             continue
+        rows = torch.nonzero(req_of_row == r.index).flatten()
         pos = seq_pos[rows]
-        keep_mask = torch.ones(rows.numel(), dtype=torch.bool, device=stream.device)
         last_prompt = r.num_prompt - 1
         for vi, v in enumerate(r.selecting):
             vis = (pos >= v.offset) & (pos < v.visual_end)
@@ -343,7 +349,7 @@ def _select_rows(plan: StepPlan, g: int, stream: torch.Tensor, seq_pos: torch.Te
                                       ops=_kernel_ops())
             drop = torch.ones(vrows.numel(), dtype=torch.bool, device=stream.device)
             drop[keep.to(stream.device)] = False
-            keep_mask[vrows[drop]] = False
+            keep_mask[rows[vrows[drop]]] = False
             seg_state[key] = (seg[keep.to(seg.device)], nseg)
             if kept_log is not None:  # debug dump: what the selection saw and chose
                 kept_log.setdefault(v.mm_hash, []).append({
@@ -352,11 +358,7 @@ def _select_rows(plan: StepPlan, g: int, stream: torch.Tensor, seq_pos: torch.Te
                     "num_segments": nseg, "target": v.counts[g],
                     "use_dpp": bool(v.uses_dpp[g]),
                     "config": v.config.model_dump(mode="json")})
-        keep_parts.append(rows[keep_mask])
-    n_real = plan.stage_rows[g - 1]  # rows after these are CUDA-graph padding: kept as is
-    if n_rows > n_real:
-        keep_parts.append(rows_all[n_real:])
-    return torch.cat(keep_parts) if keep_parts else rows_all
+    return torch.nonzero(keep_mask).flatten()
 
 
 def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
@@ -372,12 +374,17 @@ def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
     residual = None
     n_total = hidden.shape[0]
     device = hidden.device
-    seq_pos = torch.zeros(n_total, dtype=torch.long, device=device)
-    req_of_row = torch.full((n_total,), -1, dtype=torch.long, device=device)
-    for r in plan.reqs:
-        a, b = int(plan.query_start_loc[r.index]), int(plan.query_start_loc[r.index + 1])
-        seq_pos[a:b] = torch.arange(r.start, r.start + r.num_tokens, device=device)
-        req_of_row[a:b] = r.index
+    # request and sequence position of every row (rows past the step's tokens: padding, -1)
+    qsl = np.asarray(plan.query_start_loc, dtype=np.int64)
+    lens = np.diff(qsl)
+    req_np = np.full(n_total, -1, dtype=np.int64)
+    pos_np = np.zeros(n_total, dtype=np.int64)
+    n_real = int(qsl[-1])
+    req_np[:n_real] = np.repeat(np.arange(len(lens)), lens)
+    starts = np.fromiter((r.start for r in plan.reqs), dtype=np.int64, count=len(plan.reqs))
+    pos_np[:n_real] = starts[req_np[:n_real]] + np.arange(n_real) - qsl[:-1][req_np[:n_real]]
+    seq_pos = torch.from_numpy(pos_np).to(device)
+    req_of_row = torch.from_numpy(req_np).to(device)
     orig_rows = torch.arange(n_total, device=device)
     seg_state = {}
     for r in plan.reqs:

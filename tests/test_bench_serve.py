@@ -123,3 +123,30 @@ def test_prompt_tokens_match_independent_counts(bench):
         evs_kept = max(per_frame, math.floor(t * per_frame * (1 - (1 - BUDGET))))
         assert evs[idx] == ref.text_tokens + evs_kept < n_unpruned
     assert frames_seen == {16, 32}
+
+
+def test_decode_throughput_and_tpot_against_a_timeline():
+    """Decode tok/s = tokens after each request's first over the time some request was past
+    its first token; checked against a sampled timeline (not the interval merge)."""
+    serve = _load_serve()
+    def R(**kw):
+        return serve.RequestResult(prompt_tokens=100, **kw)
+    rs = [R(video=0, ok=True, ttft_s=1.0, latency_s=5.0, completion_tokens=9, start_s=0.0,
+            end_s=5.0),
+          R(video=1, ok=True, ttft_s=1.0, latency_s=2.0, completion_tokens=3, start_s=2.0,
+            end_s=4.0),
+          R(video=2, ok=True, ttft_s=1.0, latency_s=3.0, completion_tokens=5, start_s=10.0,
+            end_s=13.0),
+          R(video=3, ok=True, ttft_s=0.5, latency_s=0.5, completion_tokens=1, start_s=0.0,
+            end_s=0.5)]
+    grid = np.arange(0.0, 14.0, 1e-3) + 5e-4
+    busy = np.zeros_like(grid, dtype=bool)
+    for r in rs:
+        if r.completion_tokens > 1:
+            busy |= (grid >= r.start_s + r.ttft_s) & (grid < r.end_s)
+    want = (8 + 2 + 4) / (busy.sum() * 1e-3)
+    assert math.isclose(serve.decode_tokens_per_s(rs), want, rel_tol=1e-3)
+    assert serve.tpot(rs[0]) == 0.5 and serve.tpot(rs[3]) is None
+    level = serve.summarize_level(rs, 13.0, {})
+    assert math.isclose(level["tpot_p50_s"], 0.5)  # 0.5, 0.5, 0.5
+    assert "TPOT p50 (ms)" in serve.markdown_table({"configs": []})

@@ -221,7 +221,8 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
                        eps: float = 1e-10, rel_eps: Optional[float] = None,
                        fallback_scores: Optional[torch.Tensor] = None,
                        materialize: Optional[bool] = None, *,
-                       per_segment: Optional[bool] = None) -> torch.LongTensor:
+                       per_segment: Optional[bool] = None,
+                       host_loop: Optional[bool] = None) -> torch.LongTensor:
     """Greedy MAP on S independent kernels at once, rows computed from features.
 
     ``features`` (S, n_max, C): segment s holds tokens 0..lengths[s]-1 (rest is padding);
@@ -239,6 +240,11 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
     to its length -- the same steps per segment, without the padded batch's work (S n_max
     k_max^2 instead of sum_s n_s k_s^2) and per-step op overheads; 2-10x faster on CPU, where
     a batched launch buys nothing (benchmarks/kernels.py).
+
+    ``host_loop`` (None: one segment on CPU tensors): run the greedy steps of one segment in
+    numpy on the same float32/float64 state (:func:`_greedy_map_host`) -- the same
+    arithmetic per step as the torch loop, at about a tenth of the per-step overhead (the
+    steps are sequential, ~10 tiny ops each, so on CPU the op dispatch is the cost).
 
     Returns LongTensor (S, max k) of within-segment positions in selection order, padded -1.
     """
@@ -266,6 +272,14 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
                     None if fallback_scores is None else fallback_scores[one, :ln],
                     materialize)[0]
         return sel
+    if host_loop if host_loop is not None else (S == 1 and dev.type == "cpu"):
+        if S == 1:
+            sel[0] = _greedy_map_host(features[0, :int(lengths[0])], int(ks[0]),
+                                      None if weights is None else weights[0, :int(lengths[0])],
+                                      scale, eps, rel_eps,
+                                      None if fallback_scores is None else
+                                      fallback_scores[0, :int(lengths[0])], materialize, kmax)
+            return sel
     H = features.to(dt)
     ar_n = torch.arange(n, device=dev)
     ar_s = torch.arange(S, device=dev)
@@ -319,6 +333,62 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
         mask = (ar_k >= picked.unsqueeze(-1)) & (ar_k < ks.unsqueeze(-1))
         sel = torch.where(mask, fill, sel)
     return sel
+
+
+def _greedy_map_host(H: torch.Tensor, k: int, w: Optional[torch.Tensor], scale: Optional[float],
+                     eps: float, rel_eps: Optional[float], fallback_scores: Optional[torch.Tensor],
+                     materialize: Optional[bool], width: int) -> torch.LongTensor:
+    """One segment of :func:`greedy_map_batched` (tokens ``H`` (n, C), all valid) with the
+    greedy steps in numpy: same state dtype, kernel rows, stop rule, tie band, fallback and
+    return layout ((width,) padded -1). Kernel L~_ij = w_i w_j <h_i, h_j> * scale (Eq. 9)."""
+    import numpy as np
+
+    n, C = H.shape
+    dt = _state_dtype(H)
+    sc = (1.0 / C) if scale is None else float(scale)
+    Ht = H.to(dt)
+    wt = torch.ones(n, dtype=dt, device=H.device) if w is None else w.to(H.device, dt)
+    diag_t = (Ht * Ht).sum(-1) * sc * wt * wt
+    rel = default_rel_eps(dt) if rel_eps is None else rel_eps
+    tie_t = diag_t.max().clamp_min(0) * rel     # as the torch loop rounds them
+    tie, thr = tie_t.cpu().numpy()[()], tie_t.clamp_min(eps).cpu().numpy()[()]
+    if materialize is None:
+        materialize = k * 8 >= n and n * n <= (1 << 26)
+    G = None
+    if materialize:  # one GEMM, as the torch loop forms it
+        G = (Ht @ Ht.T).mul_(sc).mul_(wt.unsqueeze(-1)).mul_(wt.unsqueeze(0)).cpu().numpy()
+    Hn, wn = Ht.cpu().numpy(), wt.cpu().numpy()
+    cand = diag_t.cpu().numpy().copy()           # d_i^2 of the unselected, -inf once taken
+    c = np.zeros((k, n), dtype=cand.dtype)
+    out = np.full(width, -1, dtype=np.int64)
+    m = 0
+    # Products in the loop go through einsum, not BLAS: numpy's BLAS sums in an order that
+    # depends on its thread count, which differs between vLLM's worker and any other process
+    # re-running the selection (the selection must be reproducible from dumped states).
+    for step in range(k):
+        mx = cand.max()
+        if not (mx >= thr and mx < math.inf):   # NaN compares false: stops, as in torch
+            break
+        j = int(np.argmax(cand >= mx - tie))     # lowest index inside the tie band
+        if G is not None:
+            row = G[j]
+        else:
+            row = np.einsum("ij,j->i", Hn, Hn[j]) * sc * wn * wn[j]
+        if step:
+            row = row - np.einsum("i,ij->j", c[:step, j], c[:step])
+        e = row / np.sqrt(mx)
+        c[step] = e
+        cand -= e * e
+        cand[j] = -math.inf
+        out[step] = j
+        m = step + 1
+    res = torch.from_numpy(out).to(H.device)
+    if m < k:
+        avail = torch.ones(n, dtype=torch.bool, device=H.device)
+        avail[res[:m]] = False
+        fb = diag_t if fallback_scores is None else fallback_scores.to(H.device, dt)
+        res[m:k] = fallback_order(fb.unsqueeze(0), avail.unsqueeze(0))[0, :k - m]
+    return res
 
 
 # ------------------------------------------------------------------------------------------

@@ -149,6 +149,39 @@ def test_batched_materialize_and_fallback_agree():
         assert a[s, :4].tolist() == brute_greedy(L.numpy(), min(4, k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("materialize", [True, False])
+def test_host_loop_equals_torch_loop_and_bruteforce(dtype, materialize):
+    """The numpy greedy loop (CPU default for one segment) picks what the torch loop and the
+    float64 brute-force log-det greedy pick on full-rank kernels, and on a rank-deficient
+    one (duplicates) stops and falls back exactly like the torch loop."""
+    g = torch.Generator().manual_seed(21)
+    n, C = 60, 48
+    H = torch.randn(1, n, C, generator=g, dtype=torch.float64)
+    w = torch.rand(1, n, generator=g, dtype=torch.float64) + 0.5
+    H, w = H.to(dtype), w.to(dtype)
+    for k in (1, 7, 30, n):
+        ks, lengths = torch.tensor([k]), torch.tensor([n])
+        host = greedy_map_batched(H, lengths, ks, weights=w, materialize=materialize,
+                                  host_loop=True)
+        loop = greedy_map_batched(H, lengths, ks, weights=w, materialize=materialize,
+                                  host_loop=False)
+        assert host.tolist() == loop.tolist(), k
+        if k <= 30:  # the float64 brute force, on the explicit kernel
+            L = _explicit_segment_kernel(H[0].double(), w[0].double(), 1.0 / C).numpy()
+            assert host[0].tolist() == brute_greedy(L, k), k
+    # rank 5 with repeated rows: the greedy stops at the rank, the rest by the fallback
+    base = torch.randn(5, C, generator=g, dtype=torch.float64).to(dtype)
+    Hd = base[torch.arange(23) % 5].unsqueeze(0)
+    fb = torch.rand(1, 23, generator=g, dtype=torch.float64)
+    for k in (5, 12, 23):
+        a = greedy_map_batched(Hd, torch.tensor([23]), torch.tensor([k]), fallback_scores=fb,
+                               materialize=materialize, host_loop=True)
+        b = greedy_map_batched(Hd, torch.tensor([23]), torch.tensor([k]), fallback_scores=fb,
+                               materialize=materialize, host_loop=False)
+        assert a.tolist() == b.tolist() and len(set(a[0].tolist())) == k
+
+
 def test_relevance_against_numpy():
     g = torch.Generator().manual_seed(2)
     Hv = torch.randn(30, 16, generator=g)

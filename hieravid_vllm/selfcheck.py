@@ -633,8 +633,10 @@ class SelfCheck:
             unpruned = 4096
         block = 32
         mml = -(-(unpruned + PREEMPT_TOKENS + 8) // block) * block
+        # per worker: a TP rank holds 1/TP of the KV heads
         kv = kv_cache_bytes(self.args.model, mml + block,
-                            "float32" if self.dtype_name == "float32" else "bfloat16", block)
+                            "float32" if self.dtype_name == "float32" else "bfloat16",
+                            block) // max(self.args.tensor_parallel_size, 1)
         srv, run = self.server("preemption", ["--max-num-seqs", "10", "--block-size",
                                               str(block)],
                                kv_cache_memory_bytes=kv, max_model_len=mml,
@@ -820,10 +822,13 @@ class SelfCheck:
             return
         bs = t["block_size"]
         L = ref.num_layers
-        cfg = HieraVidConfig(budget=self.args.budget)
-        workers = self.runs["hieravid"].workers
-        if workers and workers[0].get("budget") is not None:
-            cfg = cfg.model_copy(update={"budget": workers[0]["budget"]})
+        # the configuration the server ran (its input-stage dumps carry it: --hieravid-config
+        # may have been passed through); the counts come from the core schedule below
+        import torch
+
+        dumps = sorted(self.runs["hieravid"].dump_dir.glob("video-*.pt"))
+        cfg = HieraVidConfig.model_validate(torch.load(dumps[0])["config"]) if dumps else \
+            HieraVidConfig(budget=self.args.budget)
         lps = list(cfg.layers_per_stage(L))
         per_stage_groups = len(lps) > 1 and len(set(lps)) == 1 and \
             os.environ.get("HIERAVID_KV_GROUPS", "1") != "0"

@@ -117,6 +117,10 @@ def check_worker_setup(runner, model) -> None:
         raise RuntimeError(f"HieraVid: model runner {type(runner).__module__}."
                            f"{type(runner).__name__} has no HieraVid hooks; set "
                            f"{V2_RUNNER_ENV}=0 (or start without --hieravid-budget)")
+    try:
+        record_worker_setup(runner, model, opts)
+    except Exception:  # diagnostics only: never stop start-up
+        logger.warning("HieraVid: could not record the worker setup", exc_info=True)
     if opts.config.mode != "full":
         return
     mode = getattr(getattr(runner, "compilation_config", None), "cudagraph_mode", None)
@@ -146,6 +150,50 @@ def check_worker_setup(runner, model) -> None:
                 "backends' builders reuse one plan for every stage; unset "
                 f"{KV_GROUPS_ENV}, use stage boundaries of equal depth, or "
                 "--hieravid-mode input_only")
+
+
+#: File prefix of the per-worker setup records written to $HIERAVID_DEBUG_DIR (JSON).
+WORKER_DUMP_PREFIX = "worker"
+
+
+def worker_setup_info(runner, model, opts) -> dict:
+    """What one worker runs: runner class, attention backends of the LLM's layers, tensor
+    parallel rank/size, device, dtype and the HieraVid mode/budget in effect."""
+    info = {"runner": f"{type(runner).__module__}.{type(runner).__name__}",
+            "attention_backends": sorted(_attention_backends(model)),
+            "mode": opts.config.mode, "budget": opts.config.budget}
+    try:
+        from vllm.distributed import (get_tensor_model_parallel_rank,
+                                      get_tensor_model_parallel_world_size)
+
+        info["tp_rank"] = int(get_tensor_model_parallel_rank())
+        info["tp_size"] = int(get_tensor_model_parallel_world_size())
+    except Exception:  # pragma: no cover - no distributed state
+        info["tp_rank"], info["tp_size"] = 0, 1
+    p = next(iter(model.parameters()), None)
+    info["device"] = str(p.device) if p is not None else "unknown"
+    info["dtype"] = str(p.dtype).replace("torch.", "") if p is not None else "unknown"
+    return info
+
+
+def record_worker_setup(runner, model, opts) -> dict:
+    """Log what this worker runs and, with ``HIERAVID_DEBUG_DIR`` set, write it to
+    ``<dir>/worker-<pid>.json`` (read by ``python -m hieravid_vllm.selfcheck``)."""
+    info = worker_setup_info(runner, model, opts)
+    logger.info("HieraVid worker: runner %s, attention backend(s) %s, TP rank %s/%s, %s %s, "
+                "mode %s", info["runner"], ",".join(info["attention_backends"]) or "-",
+                info["tp_rank"], info["tp_size"], info["device"], info["dtype"], info["mode"])
+    from hieravid_vllm.models.common import DEBUG_DIR_ENV
+
+    debug_dir = os.environ.get(DEBUG_DIR_ENV)
+    if debug_dir:
+        import json
+        from pathlib import Path
+
+        path = Path(debug_dir) / f"{WORKER_DUMP_PREFIX}-{os.getpid()}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info))
+    return info
 
 
 #: Where vLLM's scheduler is replaced by the HieraVid one (full mode only).

@@ -108,7 +108,7 @@ class ServerRun:
 # -----------------------------------------------------------------------------------------
 # arguments
 # -----------------------------------------------------------------------------------------
-def _parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m hieravid_vllm.selfcheck",
         description="HieraVid acceptance check: starts vLLM servers on 127.0.0.1 with the "
@@ -155,6 +155,11 @@ def _parse_args(argv):
                    help="checkpoint the reference forward loads (default: --model; another one "
                         "is for testing the check itself: it must then fail)")
     p.add_argument("--startup-timeout", type=float, default=1800.0)
+    return p
+
+
+def _parse_args(argv):
+    p = build_parser()
     args, vllm_args = p.parse_known_args(argv)
     args.vllm_args = vllm_args
     if args.size is not None and args.size % 28:

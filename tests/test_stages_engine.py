@@ -16,27 +16,19 @@ stage pruning written independently of the vLLM path).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import math
 
 import openai
 import pytest
-import torch
 
-from hieravid_vllm.core import HieraVidConfig
-from hieravid_vllm.core.pipeline import select_layer_stage
-from hieravid_vllm.reference import HieraVidReference
-from hieravid_vllm.stages import STAGES_DUMP_PREFIX
 from hieravid_vllm.testing.models import build_tiny_model
 from hieravid_vllm.testing.server import (answer, chat, chat_messages, kv_cache_bytes,
                                           video_messages)
-from hieravid_vllm.testing.video import read_video_frames, write_scene_video
+from hieravid_vllm.testing.stage_check import FPS, QUESTION, TOP, check_against_reference
+from hieravid_vllm.testing.video import write_scene_video
 
 pytestmark = pytest.mark.vllm
 
-FPS = 8.0
 BUDGET = 0.3
-QUESTION = "What happens in this video, and which shapes move first?"
-TOP = 20
 RESULTS: dict = {}
 
 
@@ -44,97 +36,6 @@ RESULTS: dict = {}
 def videos(make_videos):
     return make_videos({"a": dict(num_frames=24, width=112, height=112, seed=5),
                         "b": dict(num_frames=16, width=140, height=112, num_scenes=2, seed=6)})
-
-
-def _stage_dumps(debug_dir):
-    return [torch.load(p) for p in sorted(debug_dir.glob(f"{STAGES_DUMP_PREFIX}-*.pt"))]
-
-
-_REFS: dict = {}
-
-
-def _reference(arch):
-    if arch not in _REFS:
-        _REFS[arch] = HieraVidReference(build_tiny_model(arch))
-    return _REFS[arch]
-
-
-def _check_against_reference(server, arch, video, budget, debug_dir, extra_body=None,
-                             strict=True):
-    """Server logprobs / kept tokens vs the reference forward of the same frames."""
-    before = len(_stage_dumps(debug_dir))
-    r = chat(server, video_messages(video, QUESTION), max_tokens=1, logprobs=True,
-             top_logprobs=TOP, extra_body=extra_body or {})
-    frames = read_video_frames(video)
-    ref = _reference(arch).forward([frames], QUESTION, HieraVidConfig(budget=budget), fps=FPS,
-                                   return_boundary_states=True)
-    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
-    logp = torch.log_softmax(ref.prompt_logits.double(), dim=-1)
-    tops = r.choices[0].logprobs.content[0].top_logprobs
-    assert len(tops) == TOP
-    got_ids = []
-    for t in tops:
-        tid = _token_id(arch, t.token)
-        got_ids.append(tid)
-        assert math.isclose(t.logprob, float(logp[tid]), abs_tol=2e-3), (t.token, t.logprob,
-                                                                          float(logp[tid]))
-    want_top = torch.topk(logp, TOP).indices.tolist()
-    # same ranking up to near-ties of the (random, tiny) model's logits
-    assert got_ids[0] == want_top[0] or \
-        abs(float(logp[got_ids[0]]) - float(logp[want_top[0]])) < 1e-4
-    dumps = _stage_dumps(debug_dir)[before:]
-    assert len(dumps) == 1, "one selecting video -> one stage dump"
-    stages, seen = dumps[0]["stages"], dumps[0]["boundaries"]
-    want = ref.kept_indices[0]
-    assert [len(s) for s in stages] == [len(w) for w in want] == list(ref.counts[0])
-    assert torch.equal(stages[0].long(), want[0].long()), "input stage"
-    video = ref.prepared.videos[0]
-    for g in range(1, len(stages)):
-        d = seen[g - 1]
-        # 1. the server selects exactly what the core selects on the stream it saw
-        core_keep = select_layer_stage(d["hidden_visual"], d["query"], d["segment_ids"],
-                                       d["target"], HieraVidConfig.model_validate(d["config"]),
-                                       use_dpp=d["use_dpp"], num_segments=d["num_segments"])
-        prev = stages[g - 1].long()
-        assert torch.equal(prev[core_keep], stages[g].long()), f"stage {g}: plumbing"
-        # 2. the stream it saw is the reference's (float32, different kernels)
-        rows = ref.rows[g - 1]
-        vis = (rows >= video.start) & (rows < video.start + video.num_kept)
-        ref_hv = ref.boundary_states[g - 1][vis]
-        ref_q = ref.boundary_states[g - 1][rows == ref.prepared.num_prompt_tokens - 1][-1]
-        assert torch.allclose(d["hidden_visual"], ref_hv, rtol=1e-3, atol=1e-3), f"stage {g}"
-        assert torch.allclose(d["query"][-1], ref_q, rtol=1e-3, atol=1e-3), f"stage {g}"
-        # 3. hence the same tokens as the reference, up to near-ties of the greedy DPP on
-        # float noise (counted: none on the Qwen clips, a handful at most otherwise)
-        same = torch.equal(stages[g].long(), want[g].long())
-        if not same:
-            assert d["use_dpp"], f"stage {g}: relevance-only stage differs"
-            diff = len(set(stages[g].tolist()) ^ set(want[g].tolist())) // 2
-            assert diff <= max(2, len(want[g]) // 50), f"stage {g}: {diff} tokens differ"
-            ref_keep = select_layer_stage(ref_hv, ref_q[None], d["segment_ids"], d["target"],
-                                          HieraVidConfig.model_validate(d["config"]),
-                                          use_dpp=True, num_segments=d["num_segments"])
-            assert torch.equal(prev[ref_keep], want[g].long()), f"stage {g}: reference"
-        if strict:
-            assert same, f"stage {g}"
-    return ref
-
-
-_TOKENIZERS: dict = {}
-
-
-def _token_id(arch, token_str):
-    from transformers import AutoTokenizer
-
-    if arch not in _TOKENIZERS:
-        _TOKENIZERS[arch] = AutoTokenizer.from_pretrained(build_tiny_model(arch))
-    tok = _TOKENIZERS[arch]
-    ids = tok.convert_tokens_to_ids([token_str])
-    if ids and ids[0] is not None and ids[0] != tok.unk_token_id:
-        return ids[0]
-    enc = tok.encode(token_str, add_special_tokens=False)
-    assert len(enc) == 1, token_str
-    return enc[0]
 
 
 # -------------------------------------------------------------------------------------------
@@ -151,10 +52,10 @@ class TestQwen25Stages:
         s.stop()
 
     def test_logits_and_stages_match_reference(self, server, videos, debug_dir):
-        _check_against_reference(server, "qwen2_5_vl", videos["a"], BUDGET, debug_dir)
+        check_against_reference(server, "qwen2_5_vl", videos["a"], BUDGET, debug_dir)
 
     def test_low_budget_matches_reference(self, server, videos, debug_dir):
-        _check_against_reference(server, "qwen2_5_vl", videos["b"], 0.1, debug_dir,
+        check_against_reference(server, "qwen2_5_vl", videos["b"], 0.1, debug_dir,
                                  extra_body={"mm_processor_kwargs": {"hieravid_budget": 0.1}})
 
     def test_greedy_alone_batch_prefix_cache(self, server, videos):
@@ -241,7 +142,7 @@ def test_other_architectures_match_reference(arch, videos, tmp_path_factory, sta
     try:
         # LLaVA-OV: vLLM's and transformers' vision towers differ by float noise, which can
         # flip near-tied greedy-DPP picks (checked to be near-ties, see the helper)
-        _check_against_reference(server, arch, videos["b"], BUDGET, debug_dir,
+        check_against_reference(server, arch, videos["b"], BUDGET, debug_dir,
                                  strict=arch != "llava_onevision")
     finally:
         server.stop()

@@ -87,11 +87,16 @@ RUNNER_MODULES = {
 }
 
 
-#: attention backends whose metadata builders the in-LLM stages feed (full mode): CPU_ATTN
-#: is what every engine test here runs; the others take the same CommonAttentionMetadata
-#: through their own builder (not run on a GPU here yet)
+#: attention backends whose metadata builders the in-LLM stages feed (full mode). Run through
+#: a real engine on CPU: CPU_ATTN, FLEX_ATTENTION, TRITON_ATTN (tests/test_stages_backends.py);
+#: FLASH_ATTN's builder run on CPU, FLASHINFER's inputs checked (tests/test_stages_builders.py);
+#: none run on a GPU here yet
 STAGE_ATTENTION_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "FLASHINFER", "TRITON_ATTN",
                             "FLEX_ATTENTION")
+#: backends whose builder returns independent metadata per build, so that stages sharing one
+#: KV cache group (and so one builder) may be built one after another -- off CUDA only
+#: (tests/test_stages_backends.py, shared-group cases); everything else needs a group per stage
+SHARED_GROUP_BACKENDS = ("CPU_ATTN", "TRITON_ATTN")
 
 
 def _attention_backends(model) -> set:
@@ -139,17 +144,20 @@ def check_worker_setup(runner, model) -> None:
             f"one with --attention-backend, or use --hieravid-mode input_only")
     from vllm.platforms import current_platform
 
-    if current_platform.is_cuda_alike():
-        hf_config = runner.model_config.hf_config
-        text = getattr(hf_config, "text_config", None) or hf_config
-        depths = set(opts.config.layers_per_stage(int(text.num_hidden_layers)))
-        if os.environ.get(KV_GROUPS_ENV, "1") == "0" or len(depths) != 1:
-            raise RuntimeError(
-                "HieraVid full mode on a GPU needs one KV cache group per stage (stages of "
-                f"equal depth, {KV_GROUPS_ENV} unset): with one shared group the GPU "
-                "backends' builders reuse one plan for every stage; unset "
-                f"{KV_GROUPS_ENV}, use stage boundaries of equal depth, or "
-                "--hieravid-mode input_only")
+    hf_config = runner.model_config.hf_config
+    text = getattr(hf_config, "text_config", None) or hf_config
+    depths = set(opts.config.layers_per_stage(int(text.num_hidden_layers)))
+    shared = os.environ.get(KV_GROUPS_ENV, "1") == "0" or len(depths) != 1
+    if shared and (current_platform.is_cuda_alike() or
+                   not backends <= set(SHARED_GROUP_BACKENDS)):
+        raise RuntimeError(
+            "HieraVid full mode with one KV cache group shared by all stages (stages of "
+            f"unequal depth, or {KV_GROUPS_ENV}=0) builds every stage's metadata with one "
+            f"builder; attention backend(s) {', '.join(sorted(backends))} on this platform "
+            "are not known to return independent metadata per build (FlashInfer plans, FA3 "
+            "scheduler metadata and FlexAttention's buffers are per builder: every stage would "
+            f"run with the last stage's); unset {KV_GROUPS_ENV}, use stage boundaries of equal "
+            "depth, or --hieravid-mode input_only")
 
 
 #: File prefix of the per-worker setup records written to $HIERAVID_DEBUG_DIR (JSON).

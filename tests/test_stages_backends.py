@@ -28,8 +28,9 @@ request. KV layouts: one group per stage (default) and one shared group
 By default 3 servers run (FLEX_ATTENTION / Qwen2.5-VL / group per stage, TRITON_ATTN /
 LLaVA-OV / group per stage, TRITON_ATTN / Qwen2.5-VL / shared group);
 ``HIERAVID_BACKEND_MATRIX=full`` runs all 8 combinations. FLEX_ATTENTION with the shared
-group is an expected failure (``FLEX_SHARED``): its builder keeps per-build state, so the
-stages that share it overwrite each other's metadata.
+group must be refused at start-up by the worker guard (its builder keeps per-builder state,
+so stages sharing it would overwrite each other's metadata: tests/test_stages_builders.py);
+that refusal runs by default (one start up to the model load).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ import pytest
 
 from hieravid_vllm.testing.backends import WORKER_CLS
 from hieravid_vllm.testing.models import build_tiny_model
-from hieravid_vllm.testing.server import answer, chat_messages, kv_cache_bytes, video_messages
+from hieravid_vllm.testing.server import (VLLMServerError, answer, chat_messages, kv_cache_bytes,
+                                          video_messages)
 from hieravid_vllm.testing.stage_check import QUESTION, TOP, check_against_reference
 
 pytestmark = pytest.mark.vllm
@@ -49,15 +51,13 @@ BUDGET = 0.3
 #: (backend, arch, KV groups per stage) run by default (about 5 min here): each backend with
 #: each model, one group per stage and the shared group
 DEFAULT = {("FLEX_ATTENTION", "qwen2_5_vl", True), ("TRITON_ATTN", "llava_onevision", True),
-           ("TRITON_ATTN", "qwen2_5_vl", False)}
+           ("TRITON_ATTN", "qwen2_5_vl", False), ("FLEX_ATTENTION", "qwen2_5_vl", False)}
 FULL = os.environ.get("HIERAVID_BACKEND_MATRIX") == "full"
-#: FLEX_ATTENTION's metadata are views of its builder's persistent buffers: with one KV group
-#: shared by all stages, one builder builds every stage and the last build overwrites the
-#: others (tests/test_stages_builders.py shows it without an engine). The plugin refuses the
-#: shared layout on CUDA; here, on the CPU platform, nothing refuses it.
-FLEX_SHARED = pytest.mark.xfail(
-    strict=True, reason="FLEX_ATTENTION builder state is per builder: the shared KV group's "
-                        "stages overwrite each other's metadata")
+#: (backend, shared group) combinations the worker guard refuses: FLEX_ATTENTION's metadata
+#: are views of its builder's persistent buffers, so with one KV group shared by all stages
+#: one builder builds every stage and the last build overwrites the others
+#: (tests/test_stages_builders.py shows it without an engine)
+REFUSED = {("FLEX_ATTENTION", False)}
 
 BACKEND_ARGS = {
     # a flex KV block (256) other than the cache block (128): vLLM's create_block_mask path
@@ -72,9 +72,7 @@ def _cases():
         for arch in ("qwen2_5_vl", "llava_onevision"):
             for per_stage in (True, False):
                 if FULL or (backend, arch, per_stage) in DEFAULT:
-                    marks = [FLEX_SHARED] if backend == "FLEX_ATTENTION" and not per_stage \
-                        else []
-                    yield pytest.param(backend, arch, per_stage, marks=marks,
+                    yield pytest.param(backend, arch, per_stage,
                                        id=f"{backend}-{arch}-{'stage' if per_stage else 'shared'}")
 
 
@@ -96,11 +94,14 @@ def test_backend_matches_reference(backend, arch, per_stage, videos, tmp_path_fa
     model = build_tiny_model(arch)
     env = {"HIERAVID_DEBUG_DIR": str(debug_dir), "HIERAVID_KV_GROUPS": "1" if per_stage else "0",
            **BACKEND_ENV[backend]}
-    server = start_server(
-        model, f"{backend}-{arch}-{per_stage}",
-        ["--hieravid-budget", str(BUDGET), "--max-logprobs", str(TOP), "--max-num-seqs", "4",
-         "--attention-backend", backend, "--worker-cls", WORKER_CLS, *BACKEND_ARGS[backend]],
-        env=env, max_model_len=2048, kv_cache_memory_bytes=kv_cache_bytes(model, 8192))
+    args = ["--hieravid-budget", str(BUDGET), "--max-logprobs", str(TOP), "--max-num-seqs", "4",
+            "--attention-backend", backend, "--worker-cls", WORKER_CLS, *BACKEND_ARGS[backend]]
+    kw = dict(env=env, max_model_len=2048, kv_cache_memory_bytes=kv_cache_bytes(model, 8192))
+    if (backend, per_stage) in REFUSED:
+        with pytest.raises(VLLMServerError, match=f"shared by all stages.*{backend}"):
+            start_server(model, f"{backend}-{arch}-{per_stage}", args, **kw)
+        return
+    server = start_server(model, f"{backend}-{arch}-{per_stage}", args, **kw)
     try:
         # the engine runs the backend: its builder in every KV group, one group per stage or one
         groups = _groups_from_log(server.log_path.read_text(errors="replace"))

@@ -31,7 +31,6 @@ what FlashInfer's ``build`` relies on: ``is_prefilling``, and decodes first with
 """
 from __future__ import annotations
 
-import importlib.util
 import random
 from types import SimpleNamespace
 
@@ -314,10 +313,11 @@ def test_stage_inputs_per_stage(vllm_config, groups):
                     assert int(slot) % bs < last[i]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None,
-                    reason="flashinfer not installed (its vLLM module imports it at top level; "
-                           "it needs the CUDA Python stack): FlashInferMetadataBuilder.build "
-                           "not run; its inputs are checked by test_stage_inputs_per_stage")
+# FlashInferMetadataBuilder.build is not run anywhere here: vLLM's flashinfer module imports
+# the flashinfer package at top level, which needs the CUDA Python stack; the inputs the
+# plugin hands it are checked per stage above (test_stage_inputs_per_stage).
+
+
 @pytest.mark.parametrize("groups", [S, 1], ids=["group-per-stage", "shared-group"])
 def test_flashinfer_builder_per_stage(vllm_config, groups):
     from vllm.v1.attention.backends.flashinfer import FlashInferBackend

@@ -319,15 +319,6 @@ def test_stage_inputs_per_stage(vllm_config, groups):
 
 
 @pytest.mark.parametrize("groups", [S, 1], ids=["group-per-stage", "shared-group"])
-def test_flashinfer_builder_per_stage(vllm_config, groups):
-    from vllm.v1.attention.backends.flashinfer import FlashInferBackend
-
-    for md, want, table, ag in _run(vllm_config, FlashInferBackend, groups):
-        assert md.num_actual_tokens == want["rows"]
-        assert md.slot_mapping.tolist() == want["slots"].tolist()
-
-
-@pytest.mark.parametrize("groups", [S, 1], ids=["group-per-stage", "shared-group"])
 def test_flex_builder_stage_metadata_survive_later_stages(vllm_config, groups):
     """FLEX_ATTENTION's builder hands out views of its own persistent buffers
     (``query_start_loc``, ``seq_lens``, ``decode_offset``, ``doc_ids``, physical-to-logical

@@ -25,9 +25,10 @@ backend, greedy answers alone == inside a concurrent batch with another video an
 request. KV layouts: one group per stage (default) and one shared group
 (``HIERAVID_KV_GROUPS=0``).
 
-By default 3 servers run (FLEX_ATTENTION / Qwen2.5-VL / group per stage, TRITON_ATTN /
-LLaVA-OV / group per stage, TRITON_ATTN / Qwen2.5-VL / shared group);
-``HIERAVID_BACKEND_MATRIX=full`` runs all 8 combinations. FLEX_ATTENTION with the shared
+By default 4 servers run (FLEX_ATTENTION / Qwen2.5-VL / group per stage, TRITON_ATTN /
+LLaVA-OV / group per stage, TRITON_ATTN / Qwen2.5-VL / shared group, and the suite's own
+CPU_ATTN / Qwen2.5-VL with the shared group, which the other engine tests do not run);
+``HIERAVID_BACKEND_MATRIX=full`` runs all 12 combinations. FLEX_ATTENTION with the shared
 group must be refused at start-up by the worker guard (its builder keeps per-builder state,
 so stages sharing it would overwrite each other's metadata: tests/test_stages_builders.py);
 that refusal runs by default (one start up to the model load).
@@ -51,7 +52,8 @@ BUDGET = 0.3
 #: (backend, arch, KV groups per stage) run by default (about 5 min here): each backend with
 #: each model, one group per stage and the shared group
 DEFAULT = {("FLEX_ATTENTION", "qwen2_5_vl", True), ("TRITON_ATTN", "llava_onevision", True),
-           ("TRITON_ATTN", "qwen2_5_vl", False), ("FLEX_ATTENTION", "qwen2_5_vl", False)}
+           ("TRITON_ATTN", "qwen2_5_vl", False), ("FLEX_ATTENTION", "qwen2_5_vl", False),
+           ("CPU_ATTN", "qwen2_5_vl", False)}
 FULL = os.environ.get("HIERAVID_BACKEND_MATRIX") == "full"
 #: (backend, shared group) combinations the worker guard refuses: FLEX_ATTENTION's metadata
 #: are views of its builder's persistent buffers, so with one KV group shared by all stages
@@ -60,15 +62,16 @@ FULL = os.environ.get("HIERAVID_BACKEND_MATRIX") == "full"
 REFUSED = {("FLEX_ATTENTION", False)}
 
 BACKEND_ARGS = {
+    "CPU_ATTN": [],
     # a flex KV block (256) other than the cache block (128): vLLM's create_block_mask path
     "FLEX_ATTENTION": ["--attention-config", '{"flex_attn_kv_block_size": 256}'],
     "TRITON_ATTN": [],
 }
-BACKEND_ENV = {"FLEX_ATTENTION": {}, "TRITON_ATTN": {"TRITON_INTERPRET": "1"}}
+BACKEND_ENV = {"CPU_ATTN": {}, "FLEX_ATTENTION": {}, "TRITON_ATTN": {"TRITON_INTERPRET": "1"}}
 
 
 def _cases():
-    for backend in ("FLEX_ATTENTION", "TRITON_ATTN"):
+    for backend in ("CPU_ATTN", "FLEX_ATTENTION", "TRITON_ATTN"):
         for arch in ("qwen2_5_vl", "llava_onevision"):
             for per_stage in (True, False):
                 if FULL or (backend, arch, per_stage) in DEFAULT:

@@ -270,7 +270,7 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
                     features[one, :ln], lengths[one], ks[one],
                     None if weights is None else weights[one, :ln], sc, eps, rel_eps,
                     None if fallback_scores is None else fallback_scores[one, :ln],
-                    materialize)[0]
+                    materialize, host_loop=host_loop)[0]
         return sel
     if host_loop if host_loop is not None else (S == 1 and dev.type == "cpu"):
         if S == 1:

@@ -25,6 +25,8 @@ from hieravid_vllm import patches
 from hieravid_vllm.engine_setup import SUPPORTED_VLLM, vllm_version
 from hieravid_vllm.patches import PATCHES, Patch
 
+pytestmark = pytest.mark.vllm033  # also run on vLLM 0.33 (make test)
+
 
 @pytest.fixture(scope="module")
 def applied():

@@ -31,7 +31,7 @@ from hieravid_vllm.testing.server import (answer, chat, chat_messages, kv_cache_
                                           video_messages)
 from hieravid_vllm.testing.video import read_video_frames, write_scene_video
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.vllm033]  # vllm033: also run on vLLM 0.33
 
 FPS = 8.0
 BUDGET = 0.3

@@ -82,8 +82,8 @@ Version check: a target missing from the installed vLLM (module, class or attrib
 that patch out with a logged warning; HieraVid options then stop start-up with an error
 naming the patch (:func:`require`, from the ``engine_config`` patch and the worker guard).
 On a vLLM other than :data:`SUPPORTED_VLLM` only ``cli_args`` and ``engine_config`` are
-applied (the latter refuses HieraVid options at start-up). With HieraVid off, vLLM is unchanged apart
-from the CLI flags, the error responses of the media patches and which requests carry a
+applied (the latter refuses HieraVid options at start-up). With HieraVid off, vLLM is
+unchanged apart from the CLI flags, the error responses of the media patches and which requests carry a
 cached item's data (never a result).
 """
 from __future__ import annotations
@@ -120,7 +120,8 @@ class Patch:
     """One registry entry: the vLLM symbols ``targets`` (``Class.attr`` or ``attr``) in
     ``module``, patched by ``apply(module)`` in ``process``.
 
-    ``apply`` None: applied per instance by HieraVid code (the registry checks the targets).
+    ``apply`` None: applied per instance by HieraVid code, or only relied on (the registry
+    checks the targets).
     ``lazy``: applied when vLLM imports ``module`` (an import hook), not by importing it.
     ``always``: also applied on an unsupported vLLM version. ``by_name``: modules that
     imported the patched function by name and get the wrapper too. ``versions``: the vLLM
@@ -190,6 +191,7 @@ def active(version: Optional[str] = None) -> Tuple[Patch, ...]:
     supported = version.startswith(SUPPORTED_VLLM)
     return tuple(p for p in PATCHES
                  if p.always or (supported and p.for_version(version)))
+
 
 #: patch name -> why it is not applied (its vLLM target is missing)
 _missing: Dict[str, str] = {}

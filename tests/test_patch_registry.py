@@ -168,3 +168,19 @@ def test_models_declare_kv_cache_grouping_on_033():
         assert supports_kv_cache_grouping(getattr(importlib.import_module(module), cls)), name
         info = ModelRegistry._try_inspect_model_cls(name)
         assert info is not None and info.supports_kv_cache_grouping, name
+
+
+def test_unknown_vllm_version_is_refused_at_start_up(monkeypatch):
+    """With HieraVid options, a vLLM outside :data:`SUPPORTED_VLLM` stops
+    ``create_engine_config`` with an error naming the installed and the supported versions."""
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    from hieravid_vllm.testing.models import build_tiny_model
+
+    patches.apply_all()
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
+    args = EngineArgs(model=str(build_tiny_model("qwen2_5_vl")),
+                      additional_config={"hieravid": {"budget": 0.3}})
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x, 0\.33\.x but vLLM 0\.34\.0"):
+        args.create_engine_config()

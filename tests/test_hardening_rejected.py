@@ -27,7 +27,7 @@ from hieravid_vllm.testing.expect import expected_kept, qwen_video_grid
 from hieravid_vllm.testing.hf_reference import hf_video_prompt
 from hieravid_vllm.testing.video import read_video_frames, video_data_url
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.vllm033]  # vllm033: also run on vLLM 0.33
 
 BUDGET = 0.3
 QUESTION = "What happens in this video?"

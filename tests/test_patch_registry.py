@@ -5,7 +5,12 @@
 * ``apply_all`` twice wraps once: the wrapper's ``__wrapped__`` is vLLM's original;
 * a function other vLLM modules imported by name (``block_pool``'s copy of the block
   hasher) is patched there too;
-* the registry lists each patch (and each target) once, and its docstring names them all;
+* the registry lists each patch (and each target) once per supported vLLM version, and its
+  docstring names them all;
+* per version: each supported version gets one variant of every patch, an unsupported one only
+  the ``always`` patches; where a patch has variants, the other version's variant does not
+  fit this vLLM (so the variant really is needed); on 0.33 the HieraVid models declare their
+  KV cache grouping through vLLM's ``SupportsKVCacheGrouping``;
 * a patch whose target is missing is left out with a warning and makes :func:`require`
   fail with an error naming it.
 """
@@ -17,17 +22,20 @@ import logging
 import pytest
 
 from hieravid_vllm import patches
+from hieravid_vllm.engine_setup import SUPPORTED_VLLM, vllm_version
 from hieravid_vllm.patches import PATCHES, Patch
+
+pytestmark = pytest.mark.vllm033  # also run on vLLM 0.33 (make test)
 
 
 @pytest.fixture(scope="module")
 def applied():
     patches.apply_all()
     patches.apply_all()
-    for p in PATCHES:  # what a worker imports: the lazy patches apply on import
+    for p in patches.active():  # what a worker imports: the lazy patches apply on import
         if p.lazy:
             importlib.import_module(p.module)
-    return PATCHES
+    return patches.active()
 
 
 def _targets(p: Patch):
@@ -67,13 +75,17 @@ def test_by_name_copies_are_patched(applied):
     assert entry.by_name == ("vllm.v1.core.block_pool",)
 
 
-def test_registry_lists_each_patch_once():
-    names = [p.name for p in PATCHES]
+@pytest.mark.parametrize("version", [s + "0" for s in SUPPORTED_VLLM])
+def test_registry_lists_each_patch_once(version):
+    registry = patches.active(version)
+    names = [p.name for p in registry]
     assert len(names) == len(set(names))
-    targets = [(p.module, t) for p in PATCHES for t in p.targets]
+    assert set(names) == {p.name for p in PATCHES}  # a variant of every patch
+    assert all(p.for_version(version) for p in registry)
+    targets = [(p.module, t) for p in registry for t in p.targets]
     dup = {x for x in targets if targets.count(x) > 1}
     assert not dup, dup
-    assert {p.process for p in PATCHES} == {"api_server", "engine_core", "worker"}
+    assert {p.process for p in registry} == {"api_server", "engine_core", "worker"}
     doc = patches.__doc__
     for p in PATCHES:
         assert f"``{p.name}``" in doc, p.name
@@ -108,4 +120,67 @@ def test_missing_target_stops_a_hieravid_engine_config(monkeypatch):
     args = EngineArgs(model=str(build_tiny_model("qwen2_5_vl")),
                       additional_config={"hieravid": {"budget": 0.3}})
     with pytest.raises(RuntimeError, match="fake_patch"):
+        args.create_engine_config()
+
+
+def test_unsupported_version_gets_only_the_always_patches():
+    assert patches.active("0.31.2") == tuple(p for p in PATCHES if p.always)
+    assert patches.active("0.34.0") == tuple(p for p in PATCHES if p.always)
+    assert {p.name for p in patches.active("0.34.0")} == {"cli_args", "engine_config"}
+
+
+def test_other_versions_variants_do_not_fit_this_vllm():
+    """Each patch with per-version variants: the installed vLLM's variant resolves (above),
+    every other variant misses a module or target here."""
+    here = vllm_version()
+    assert here.startswith(SUPPORTED_VLLM)
+    others = [p for p in PATCHES if not p.for_version(here)]
+    assert others, "no per-version variants"
+    for p in others:
+        assert any(p.name == q.name for q in patches.active()), p.name
+        try:
+            module = importlib.import_module(p.module)
+        except ImportError:
+            continue
+        missing = []
+        for t in p.targets:
+            try:
+                patches.resolve(module, t)
+            except AttributeError:
+                missing.append(t)
+        assert missing, f"{p.name} ({p.versions}) fits vLLM {here} too"
+
+
+def test_models_declare_kv_cache_grouping_on_033():
+    """vLLM 0.33: the HieraVid model classes implement ``SupportsKVCacheGrouping`` (vLLM's
+    registry reports it), so the default config builder asks them for the groups."""
+    if not vllm_version().startswith("0.33."):
+        pytest.skip("SupportsKVCacheGrouping is vLLM 0.33's")
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_kv_cache_grouping
+
+    from hieravid_vllm.models import HIERAVID_ARCHITECTURES
+    from hieravid_vllm.plugin import register
+
+    register()
+    for name, path in HIERAVID_ARCHITECTURES.values():
+        module, cls = path.split(":")
+        assert supports_kv_cache_grouping(getattr(importlib.import_module(module), cls)), name
+        info = ModelRegistry._try_inspect_model_cls(name)
+        assert info is not None and info.supports_kv_cache_grouping, name
+
+
+def test_unknown_vllm_version_is_refused_at_start_up(monkeypatch):
+    """With HieraVid options, a vLLM outside :data:`SUPPORTED_VLLM` stops
+    ``create_engine_config`` with an error naming the installed and the supported versions."""
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    from hieravid_vllm.testing.models import build_tiny_model
+
+    patches.apply_all()
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
+    args = EngineArgs(model=str(build_tiny_model("qwen2_5_vl")),
+                      additional_config={"hieravid": {"budget": 0.3}})
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x, 0\.33\.x but vLLM 0\.34\.0"):
         args.create_engine_config()

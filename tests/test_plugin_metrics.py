@@ -23,6 +23,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from hieravid_vllm import metrics
 from hieravid_vllm.testing.expect import expected_kept, qwen_video_grid
+
+pytestmark = pytest.mark.vllm033  # also run on vLLM 0.33 (make test)
 from hieravid_vllm.testing.server import chat, video_messages
 
 BUDGET = 0.3

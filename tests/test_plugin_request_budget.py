@@ -28,7 +28,7 @@ from hieravid_vllm.testing.expect import expected_kept, input_dumps, qwen_video_
 from hieravid_vllm.testing.server import chat, video_messages
 from hieravid_vllm.testing.video import read_video_frames
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.vllm033]  # vllm033: also run on vLLM 0.33
 
 SERVER_BUDGET = 0.3
 QUESTION = ("Watch the whole clip from the first frame to the last and describe every moving "

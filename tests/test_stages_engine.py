@@ -26,7 +26,7 @@ from hieravid_vllm.testing.server import (answer, chat, chat_messages, kv_cache_
 from hieravid_vllm.testing.stage_check import FPS, QUESTION, TOP, check_against_reference
 from hieravid_vllm.testing.video import write_scene_video
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.vllm033]  # vllm033: also run on vLLM 0.33
 
 BUDGET = 0.3
 RESULTS: dict = {}

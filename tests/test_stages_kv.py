@@ -25,7 +25,7 @@ from hieravid_vllm.testing.video import write_scene_video
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kv_admission  # noqa: E402
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.vllm033]  # vllm033: also run on vLLM 0.33
 
 BS = 32
 FPS = 8.0

@@ -1,6 +1,7 @@
 """Build-time check of the hieravid-vllm image (run by the Dockerfile, no GPU needed).
 
-Fails the build when the base image is not vLLM 0.32.x, when a runtime dependency of the
+Fails the build when the base image's vLLM is not one the plugin supports (0.32.x or 0.33.x,
+``hieravid_vllm.engine_setup.SUPPORTED_VLLM``), when a runtime dependency of the
 plugin is missing (it is installed with --no-deps on purpose), or when the vLLM plugin
 entry point is not registered. Does not import vLLM itself (that needs a GPU).
 """
@@ -8,17 +9,22 @@ import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
-SUPPORTED_VLLM = "0.32."
 
 
 def main() -> int:
     errors = []
     try:
+        from hieravid_vllm.engine_setup import SUPPORTED_VLLM  # no vLLM import
+    except Exception as exc:  # noqa: BLE001 - reported below with the other checks
+        errors.append(f"import hieravid_vllm.engine_setup: {type(exc).__name__}: {exc}")
+        SUPPORTED_VLLM = ()
+    try:
         vllm_version = version("vllm")
     except PackageNotFoundError:
         vllm_version = None
-    if not vllm_version or not vllm_version.startswith(SUPPORTED_VLLM):
-        errors.append(f"base image has vllm {vllm_version!r}; hieravid-vllm supports {SUPPORTED_VLLM}x")
+    if SUPPORTED_VLLM and (not vllm_version or not vllm_version.startswith(SUPPORTED_VLLM)):
+        errors.append(f"base image has vllm {vllm_version!r}; hieravid-vllm supports "
+                      f"{', '.join(v + 'x' for v in SUPPORTED_VLLM)}")
 
     for module in ("torch", "pydantic", "numpy", "cv2", "hieravid_vllm", "hieravid_kernels"):
         try:

@@ -9,6 +9,8 @@ from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionMultiModalProcessor, LlavaOnevisionProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from hieravid_vllm.engine_setup import StageKVCacheGroupingMixin
+
 from hieravid_vllm.stages import HieraVidStagesMixin
 
 from hieravid_vllm.models.common import (BUDGET_FIELD, HieraVidProcessorMixin, num_llm_layers,
@@ -30,6 +32,7 @@ class HieraVidLlavaOnevisionMultiModalProcessor(HieraVidProcessorMixin,
                                         info=LlavaOnevisionProcessingInfo,
                                         dummy_inputs=LlavaOnevisionDummyInputsBuilder)
 class HieraVidLlavaOnevisionForConditionalGeneration(HieraVidStagesMixin,
+                                                     StageKVCacheGroupingMixin,
                                                      LlavaOnevisionForConditionalGeneration):
     """LLaVA-OneVision with HieraVid video-token pruning. Positions stay 1-D: vLLM numbers
     the (shorter) placeholder run as it is."""

@@ -7,6 +7,8 @@ from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder,
                                                     Qwen2_5_VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from hieravid_vllm.engine_setup import StageKVCacheGroupingMixin
+
 from hieravid_vllm.models.qwen2_vl import HieraVidQwenModelMixin, HieraVidQwenProcessorMixin
 
 
@@ -19,6 +21,7 @@ class HieraVidQwen2_5_VLMultiModalProcessor(HieraVidQwenProcessorMixin,
                                         info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
 class HieraVidQwen2_5_VLForConditionalGeneration(HieraVidQwenModelMixin,
+                                                 StageKVCacheGroupingMixin,
                                                  Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL with HieraVid video-token pruning (serves Qwen2.5-VL checkpoints)."""
 

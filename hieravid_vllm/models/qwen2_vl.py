@@ -9,6 +9,8 @@ from vllm.model_executor.models.qwen2_vl import (Qwen2VLDummyInputsBuilder,
                                                   Qwen2VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from hieravid_vllm.engine_setup import StageKVCacheGroupingMixin
+
 from hieravid_vllm.stages import HieraVidStagesMixin
 
 from hieravid_vllm.models.common import (BUDGET_FIELD, HieraVidMRoPEMixin,
@@ -82,6 +84,7 @@ class HieraVidQwenModelMixin(HieraVidMRoPEMixin, HieraVidStagesMixin):
                                         info=Qwen2VLProcessingInfo,
                                         dummy_inputs=Qwen2VLDummyInputsBuilder)
 class HieraVidQwen2VLForConditionalGeneration(HieraVidQwenModelMixin,
+                                              StageKVCacheGroupingMixin,
                                               Qwen2VLForConditionalGeneration):
     """Qwen2-VL with HieraVid video-token pruning (serves Qwen2-VL checkpoints)."""
 

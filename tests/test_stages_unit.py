@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from hieravid_vllm.core import HieraVidConfig
-from hieravid_vllm.stages import VideoSpan, _ReqPlan, _slot_mapping, plan_requests
+from hieravid_vllm.stages import VideoSpan, VideoSummary, _ReqPlan, _slot_mapping, plan_requests
 from hieravid_vllm import scheduler as hsched
 
 CFG = HieraVidConfig(budget=0.3)
@@ -50,7 +50,7 @@ def _survivors(rng, videos, total_len, stages):
     return surv
 
 
-@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("seed", range(60))
 def test_plan_requests_matches_token_simulation(seed):
     rng = random.Random(seed)
     S = 4
@@ -64,16 +64,22 @@ def test_plan_requests_matches_token_simulation(seed):
             pos += counts[0] + extra + rng.randint(0, 15)
         prompt = pos + rng.randint(1, 10)
         total = prompt + rng.randint(0, 20)
-        # either a step that prefills every video and reaches the prompt end, or a step
-        # after all videos (decode / text)
-        if videos and rng.random() < 0.5:
+        # a step that prefills every video and reaches the prompt end, a step after all
+        # videos (decode / text), or a text chunk that ends before the first video
+        kind = rng.random()
+        if videos and kind < 0.4:
             start = rng.randint(0, videos[0].offset)
             n = rng.randint(prompt - start, total - start)
+        elif videos and kind < 0.55 and videos[0].offset > 0:
+            start = rng.randint(0, videos[0].offset - 1)
+            n = rng.randint(1, videos[0].offset - start)
         else:
             lo = videos[-1].end if videos else 0
             start = rng.randint(lo, total - 1)
             n = rng.randint(1, total - start)
-        reqs.append(_ReqPlan(i, start, n, prompt, videos))
+        # half the requests come with the summary the model caches, half without
+        summary = VideoSummary.of(videos, S) if videos and rng.random() < 0.5 else None
+        reqs.append(_ReqPlan(i, start, n, prompt, videos, summary=summary))
         surv = _survivors(rng, videos, total, S)
         truth.append([(int(surv[g, :start].sum()), int(surv[g, start:start + n].sum()))
                       for g in range(S)])

@@ -346,6 +346,13 @@ class HieraVidMRoPEMixin:
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions,
                                   num_computed_tokens):
         cfg = self.config
+        if not multimodal_embeddings:
+            # vLLM calls this for every request on every step once pruning is enabled, decode
+            # steps included; with no embeddings in the step nothing moves (the loop below
+            # would not run), so skip the prompt scan and the copy: same positions and delta.
+            n = len(input_ids)
+            delta = int(mrope_positions[:, -1].max()) + 1 - n if n else 0
+            return [], mrope_positions, delta
         if isinstance(input_ids, torch.Tensor):
             ids = input_ids.to("cpu", torch.long)
         else:

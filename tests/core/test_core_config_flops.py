@@ -91,6 +91,45 @@ def test_flops_benchmark_reproduces_paper():
     assert "| LLaVA-Video-7B | 64 x 169 | 0.3 |" in md and "24.5%" in md
 
 
+def test_flops_vs_evs_is_eq12_by_hand_and_never_below_evs():
+    """``flops.py --vs-evs``: EVS (round(b N) visual tokens in every layer) by Eq. 12 written
+    out here; full mode keeps the same layer-average visual count (the budget), so with the
+    n^2 term of Eq. 12 it is never below EVS (Jensen), and above it on long videos."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import flops as fb
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from hieravid_vllm.core.schedule import build_schedule
+
+    rows = fb.vs_evs_rows()
+    assert len(rows) == 2 * len(fb.VS_EVS_SHAPES)
+    for r, (label, spec, frames, tpf, text) in zip(rows[::2], fb.VS_EVS_SHAPES):
+        assert r["shape"] == label
+    for r in rows:
+        spec, frames, tpf, text = next((s, f, t, x) for lab, s, f, t, x in fb.VS_EVS_SHAPES
+                                       if lab == r["shape"])
+        n, L, d, m = frames * tpf, spec.num_layers, spec.hidden_size, spec.intermediate_size
+        keep = int(r["budget"] * n + 0.5)
+
+        def by_hand(tokens):
+            return sum(4 * t * d * d + 2 * t * t * d + 2 * t * d * m for t in tokens)
+
+        vanilla = by_hand([n + text] * L)
+        assert abs(r["evs_ratio"] - by_hand([keep + text] * L) / vanilla) < 1e-12
+        sched = build_schedule(HieraVidConfig(budget=r["budget"]), n, L,
+                               max_merge=(frames - 1) * tpf)
+        per_layer = sched.tokens_per_layer()
+        assert abs(sum(per_layer) / L - r["budget"] * n) <= 0.02 * n  # same layer average
+        assert abs(r["full_ratio"] - by_hand([t + text for t in per_layer]) / vanilla) < 1e-12
+        assert r["full_over_evs"] >= 1 - 2e-3, r  # rounding of the counts only
+    worst = max(rows, key=lambda r: r["full_over_evs"])
+    assert worst["full_over_evs"] > 1.02 and worst["budget"] == 0.3
+    md = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flops.py"), "--vs-evs"],
+                        capture_output=True, text=True, check=True, cwd=str(ROOT)).stdout
+    assert "| LLaVA-Video-7B | 10816 | 0.3 | 24.4% | 23.9% | 1.024 |" in md
+
+
 def test_core_never_imports_vllm():
     code = ("import sys, hieravid_vllm.core, hieravid_vllm.core.pipeline; "
             "assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules)")

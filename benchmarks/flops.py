@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from hieravid_vllm.core.config import HieraVidConfig  # noqa: E402
 from hieravid_vllm.core.flops import (DEFAULT_TEXT_TOKENS, QWEN2_7B,  # noqa: E402
-                                      ModelSpec, hieravid_flops, prefill_flops, vanilla_flops)
+                                      ModelSpec, hieravid_flops, vanilla_flops)
 from hieravid_vllm.core.schedule import round_half_up  # noqa: E402
 
 #: The ``bench`` preset's LLM (``hieravid_vllm.testing.models``), as serve.py runs it.
@@ -87,13 +87,6 @@ def rows(num_text: int = DEFAULT_TEXT_TOKENS):
     return out
 
 
-def evs_flops(spec: ModelSpec, num_visual: int, budget: float, num_text: int) -> float:
-    """Eq. 12 for a method that keeps round(b N) visual tokens in every layer (EVS)."""
-    keep = round_half_up(budget * num_visual)
-    return prefill_flops([keep + num_text] * spec.num_layers, spec.hidden_size,
-                         spec.intermediate_size)
-
-
 def vs_evs_rows(budgets=(0.3, 0.1)):
     out = []
     for label, spec, frames, tpf, text in VS_EVS_SHAPES:
@@ -102,7 +95,8 @@ def vs_evs_rows(budgets=(0.3, 0.1)):
         for b in budgets:
             full = hieravid_flops(spec, n_vis, HieraVidConfig(budget=b), text,
                                   max_merge=(frames - 1) * tpf)
-            evs = evs_flops(spec, n_vis, b, text)
+            # EVS keeps round(b N) visual tokens in every layer: an unpruned prompt of that size
+            evs = vanilla_flops(spec, round_half_up(b * n_vis), text)
             out.append({"shape": label, "visual_tokens": n_vis, "text_tokens": text,
                         "budget": b, "full_ratio": full / base, "evs_ratio": evs / base,
                         "full_over_evs": full / evs})

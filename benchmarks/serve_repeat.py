@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import _ratio, percentile  # noqa: E402  (benchmarks/serve.py)
 
 METRICS = ("prompt_tokens_mean", "ttft_p50_s", "ttft_p90_s", "latency_p50_s", "requests_per_s",
            "output_tokens_per_s", "tpot_p50_s", "decode_tokens_per_s", "kv_cache_usage_peak")
@@ -34,8 +35,7 @@ COMPARED = (("requests_per_s", "req/s", True), ("ttft_p50_s", "TTFT p50", False)
 
 
 def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
+    return percentile(xs, 50)  # None values are left out; None when nothing is left
 
 
 def median_report(rounds: list[dict]) -> dict:
@@ -58,10 +58,6 @@ def median_report(rounds: list[dict]) -> dict:
                        for lvl, vals in e["levels"].items()}
         e["prune_median_s"] = _median(e["prune"])
     return out
-
-
-def _ratio(a, b):
-    return None if a is None or b in (None, 0) else a / b
 
 
 def comparisons(med: dict) -> list[dict]:

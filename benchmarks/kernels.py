@@ -368,10 +368,11 @@ def bench_dpp(dev, reps, run_kernels, gen, budgets, loop_reps):
                 same = sum(len(set(got[m, :ks_list[m]].tolist())
                                & set(want[m, :ks_list[m]].tolist())) for m in range(M))
                 return f"order differs, sets share {same}/{k}"
-            run = lambda: hk.greedy_map_batched(feats, lengths, ks, backend="triton", **kw)  # noqa
+            run = lambda: hk.greedy_map_batched(feats, lengths, ks, backend="triton",  # noqa
+                                                split=None, **kw)
             k_ms = timeit(run, dev, reps)
             match = verdict(run())
-            # experimental: each segment split over several programs (kernels/dpp_coop.py)
+            # the CUDA default: each segment split over several programs (kernels/dpp_coop.py)
             runs = lambda: hk.greedy_map_batched(feats, lengths, ks, backend="triton",  # noqa
                                                  split="auto", **kw)
             try:
@@ -475,13 +476,14 @@ def check_suite(dev, gen) -> int:
                 continue
             with hk.poisoned_outputs():
                 got = hk.greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb,
-                                            materialize=mat, backend="triton", block_n=block_n)
+                                            materialize=mat, backend="triton", block_n=block_n,
+                                            split=None)
             want = core_dpp.greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb,
                                                materialize=mat)
             report(f"greedy S={S} n_max={n_max} C={C} {dt} {mode} "
                    f"{'gram' if mat else 'on-the-fly'}", torch.equal(got, want))
             if mat and (big or n_max <= 24):
-                # experimental multi-program kernel; on CPU only one program per segment can
+                # multi-program kernel (the CUDA default); on CPU only one program per segment can
                 # run (the interpreter runs programs one after another)
                 split = "auto" if big else 1
                 with hk.poisoned_outputs():
@@ -539,7 +541,7 @@ def sweep_dpp(dev, gen, budgets) -> None:
             try:
                 ms = timeit(lambda: hk.greedy_map_batched_triton(
                     feats, lengths, ks, weights=r_pad, scale=1.0 / C, fallback_scores=r_pad,
-                    **cfg), dev, 5)
+                    split=None, **cfg), dev, 5)
             except Exception as e:  # e.g. out of resources
                 print(f"  {cfg}: {type(e).__name__}")
                 continue
@@ -587,24 +589,27 @@ def render(dev, seg_rows, dpp_rows, run_kernels, note) -> str:
               "segmentation included.", "",
               "### Frame-level DPP, all segments (ms per call)", "",
               "| model | budget | stage | tokens / segments | sum n k^2 | reference "
-              "| per-segment loop | kernel | kernel us / step | loop / kernel "
-              "| kernel, split (exp.) | match |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| per-segment loop | kernel, 1 program / segment | us / step | loop / kernel "
+              "| kernel, split (CUDA default) | loop / split | match |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for (name, b, stage, desc, work, ref_ms, loop_ms, k_ms, ks_ms, k_max,
          match) in dpp_rows:
         sp = "-"
         if k_ms:
             sp = f"{loop_ms / k_ms:.1f}x" if loop_ms < 10 * k_ms else f"{loop_ms / k_ms:.0f}x"
         us = f"{k_ms * 1e3 / k_max:.2f}" if k_ms and k_max else "-"
+        ssp = f"{loop_ms / ks_ms:.0f}x" if ks_ms else "-"
         lines.append(f"| {name} | {b} | {stage} | {desc} | {work / 1e6:.0f}M | {fmt(ref_ms)} "
-                     f"| {fmt(loop_ms)} | {fmt(k_ms)} | {us} | {sp} | {fmt(ks_ms)} | {match} |")
+                     f"| {fmt(loop_ms)} | {fmt(k_ms)} | {us} | {sp} | {fmt(ks_ms)} | {ssp} "
+                     f"| {match} |")
     lines += ["", "Targets: LLaVA-Video-7B at budget 0.3 (stage 3 and input_only rows) under "
               "1 ms and >= 10x faster than the per-segment loop. Kernel = Gram launch + greedy "
-              "launch (one program per segment) + dispatch overhead; reference = "
+              "launch + dispatch overhead, one program per segment or (split, the dispatch's "
+              "default on CUDA since 2026-11-26) each segment over several programs; reference = "
               "`hieravid_vllm.core.dpp.greedy_map_batched` (CUDA: batched over segments, one "
               "set of ops per step; CPU: its default `per_segment`, one trimmed segment at a "
               "time); loop = Python loop over segments, CDPruner-style fast MAP per "
-              "segment; split = the experimental multi-program kernel (`split=\"auto\"`: each "
+              "segment; split = the multi-program kernel (`split=\"auto\"`: each "
               "segment over several SMs, per-step barrier). Segments: random 4-16 frames, tokens spread evenly over frames, "
               "bf16 hidden states (segment centre + noise), relevance from a random query."]
     return "\n".join(lines)

@@ -301,11 +301,25 @@ def select_v1_runner(engine_args) -> None:
                     "HieraVid hooks)", V2_RUNNER_ENV)
 
 
+def check_kernel_env() -> None:
+    """Start-up check of the kernels' launch setting ``HIERAVID_DPP_SPLIT`` (read by every
+    worker at its first selection): a bad value stops start-up naming the variable instead of
+    failing the first video request inside the engine."""
+    try:
+        from hieravid_kernels.dpp import default_split
+    except ImportError:  # pragma: no cover - the package ships both
+        return
+    import torch
+
+    default_split(torch.device("cuda"))
+
+
 def configure_stages(engine_args, opts: hv_options.ServingOptions) -> hv_options.ServingOptions:
     """Full mode: install the HieraVid scheduler (and piecewise CUDA graphs, because each
     stage has its own attention metadata); fall back to input-only with a warning where the
     stages cannot run, before any process reads the options (so placeholder counts and
-    pruning agree)."""
+    pruning agree). Both modes: :func:`check_kernel_env`."""
+    check_kernel_env()
     if opts.config.mode != "full":
         return opts
     if getattr(engine_args, "mm_processor_cache_type", None) == "shm":

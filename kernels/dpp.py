@@ -42,6 +42,7 @@ Chen et al.'s O(n k^2) state traffic (n k^2 * 2 bytes per segment) runs on one S
 see kernels/README.md for the expected costs at LLaVA-Video / Qwen2.5-VL sizes.
 """
 import math
+import os
 from typing import Optional, Union
 
 import torch
@@ -52,6 +53,38 @@ __all__ = ["greedy_map_batched", "greedy_map", "greedy_map_batched_triton",
            "greedy_map_explicit_triton", "gram_triton"]
 
 _GRAM_LIMIT_BYTES = 1 << 30
+ENV_SPLIT = "HIERAVID_DPP_SPLIT"
+
+
+def default_split(device: torch.device) -> Optional[Union[int, str]]:
+    """The greedy MAP's launch when the caller gives no ``split`` (Gram path).
+
+    CUDA: ``"auto"``, the multi-program kernel (:mod:`hieravid_kernels.dpp_coop`, every segment
+    over as many SMs as the launch can hold at once). On an H200 it picked the same tokens as the
+    reference in every case of ``benchmarks/kernels.py --check`` and ran the 64-frame
+    LLaVA-Video-7B stages 4-8x faster than one program per segment (benchmarks/RESULTS.md,
+    kernels section). CPU (the interpreter runs programs one after another, so P > 1 cannot
+    complete there): None, one program per segment.
+
+    Env ``HIERAVID_DPP_SPLIT`` overrides: ``auto``, ``off`` (one program per segment, e.g. when
+    the GPU is shared through MPS and not every SM is ours: the multi-program launch would spin
+    until its bound and then rerun) or a program count P >= 1.
+    """
+    raw = os.environ.get(ENV_SPLIT, "").strip().lower()
+    if raw in ("", "default"):
+        return "auto" if device.type == "cuda" else None
+    if raw == "auto":
+        return "auto"
+    if raw in ("off", "single", "none"):
+        return None
+    try:
+        p = int(raw)
+    except ValueError:
+        p = 0
+    if p < 1:
+        raise ValueError(f"{ENV_SPLIT} must be 'auto', 'off' or a program count >= 1, "
+                         f"got {raw!r}")
+    return p
 
 
 def _gram_kernel(H, W, G, LENGTHS, n_max, C, scale,
@@ -410,16 +443,17 @@ def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks:
                               block_n: Optional[int] = None, block_s: Optional[int] = None,
                               block_c: Optional[int] = None,
                               num_warps: int = 8,
-                              split: Optional[Union[int, str]] = None,
+                              split: Optional[Union[int, str]] = "default",
                               max_spins: Optional[int] = None) -> torch.Tensor:
     """Triton path of :func:`greedy_map_batched` (any device: CPU runs the interpreter).
 
     ``k_max`` (= max(ks), optional) and ``check=False`` avoid the host synchronisations (the
     output width and the validation of ``ks``); ``materialize`` None: Gram when the S n_max^2
-    fp32 matrices fit ``gram_limit_bytes``. ``split`` (experimental, Gram path only): split
-    every segment over that many programs (``"auto"``: as many as the SMs allow) with a
-    per-step barrier between them (:mod:`hieravid_kernels.dpp_coop`); falls back to one program
-    per segment when they cannot all run at once (this check reads a flag back: one sync)."""
+    fp32 matrices fit ``gram_limit_bytes``. ``split`` (Gram path only): split every segment
+    over that many programs (``"auto"``: as many as the SMs allow) with a per-step barrier
+    between them (:mod:`hieravid_kernels.dpp_coop`); falls back to one program per segment when
+    they cannot all run at once (this check reads a flag back: one sync). ``None``: one
+    program per segment; ``"default"``: :func:`default_split` (``"auto"`` on CUDA)."""
     if features.dim() != 3:
         raise ValueError(f"features must be (S, n_max, C), got {tuple(features.shape)}")
     S, n_max, C = features.shape
@@ -440,6 +474,8 @@ def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks:
     FB = (fallback_scores.to(dev, torch.float32).contiguous()
           if fallback_scores is not None else None)
     H = features.contiguous()
+    if isinstance(split, str) and split == "default":
+        split = default_split(dev)
     if materialize:
         G = gram_triton(H, lengths, W, sc)
         if split is not None:

@@ -222,6 +222,21 @@ def test_full_mode_refuses_the_shm_processor_cache():
     assert cfg.model_config.get_multimodal_config().mm_processor_cache_type == "shm"
 
 
+@pytest.mark.parametrize("mode", ["full", "input_only"])
+def test_bad_dpp_split_env_stops_start_up(mode, monkeypatch):
+    """HIERAVID_DPP_SPLIT (the greedy kernel's launch) is checked at start-up in both modes,
+    the error names the variable; a good value passes."""
+    from hieravid_vllm import vllm_patches
+    from hieravid_vllm.options import ServingOptions
+
+    opts = ServingOptions.from_dict({"budget": 0.3, "mode": mode})
+    monkeypatch.setenv("HIERAVID_DPP_SPLIT", "fast")
+    with pytest.raises(ValueError, match="HIERAVID_DPP_SPLIT"):
+        vllm_patches.configure_stages(_engine_args(), opts)
+    monkeypatch.setenv("HIERAVID_DPP_SPLIT", "off")
+    assert vllm_patches.configure_stages(_engine_args(), opts).config.mode == mode
+
+
 def test_full_mode_installs_the_scheduler():
     from hieravid_vllm import vllm_patches
     from hieravid_vllm.options import ServingOptions

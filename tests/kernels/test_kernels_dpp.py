@@ -213,6 +213,40 @@ def test_greedy_split_concurrent_programs(kind, split, gen):
     assert torch.equal(got, want), f"\n{got}\n{want}"
 
 
+def test_default_split_policy(monkeypatch):
+    """No ``split`` given: the multi-program kernel on CUDA, one program per segment on CPU (the
+    interpreter runs programs one after another); HIERAVID_DPP_SPLIT overrides, bad values
+    raise naming it."""
+    from hieravid_kernels.dpp import default_split
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("HIERAVID_DPP_SPLIT", raising=False)
+    assert default_split(cuda) == "auto" and default_split(cpu) is None
+    for raw, want in [("off", None), ("AUTO", "auto"), (" 3 ", 3), ("1", 1), ("", "auto")]:
+        monkeypatch.setenv("HIERAVID_DPP_SPLIT", raw)
+        assert default_split(cuda) == want, raw
+    for raw in ("0", "-2", "fast", "2.5"):
+        monkeypatch.setenv("HIERAVID_DPP_SPLIT", raw)
+        with pytest.raises(ValueError, match="HIERAVID_DPP_SPLIT"):
+            default_split(cpu)
+
+
+def test_split_env_reaches_the_launch(gen, monkeypatch):
+    """HIERAVID_DPP_SPLIT=2 on CPU tensors: the default launch is the multi-program kernel
+    (under the interpreter its programs cannot all run, so the bounded spin falls back with a
+    warning) and the result is still the reference's."""
+    import hieravid_kernels.dpp_coop as coop
+    H, lengths, ks, w, fb = _split_case("plain", gen)
+    calls = []
+    real = coop.launch_coop
+    monkeypatch.setattr(coop, "launch_coop", lambda *a, **k: calls.append(a[8]) or real(
+        *a, **{**k, "max_spins": 8}))
+    monkeypatch.setenv("HIERAVID_DPP_SPLIT", "2")
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        got = hk.greedy_map_batched(H, lengths, ks, weights=w, backend="triton", block_n=16)
+    assert calls == [2]
+    assert torch.equal(got, ref.greedy_map_batched(H, lengths, ks, weights=w))
+
+
 def test_greedy_split_timeout_falls_back(gen):
     """Programs that cannot all run at once (the interpreter runs them one after another):
     bounded spin, flag, warning, and the single-program result."""

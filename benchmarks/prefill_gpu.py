@@ -149,13 +149,30 @@ def profile_selection(feats, pre, post, all_pos, post_pos, dec, budgets, ops, de
         run_prompt(dec, pre, res.features, post, all_pos[res.kept_indices], post_pos,
                    seg=res.segment_ids, sched=res.schedule, cfg=cfg, ops=ops, dev=dev,
                    timings=t)
-        for args, use_dpp in t["calls"]:           # warm
-            select_layer_stage(*args, use_dpp=use_dpp, ops=ops)
+        same = 0
+        for args, use_dpp in t["calls"]:           # warm, and kernels vs the torch reference
+            got = select_layer_stage(*args, use_dpp=use_dpp, ops=ops)
+            same += int(torch.equal(got, select_layer_stage(*args, use_dpp=use_dpp)))
+        print(f"\nfull mode {b}: {same}/{len(t['calls'])} selections keep the same tokens as "
+              "the torch reference (core.pipeline.REFERENCE_OPS)")
         _sync(dev)
         with profile(activities=acts) as prof:
             for args, use_dpp in t["calls"]:
                 select_layer_stage(*args, use_dpp=use_dpp, ops=ops)
             _sync(dev)
+        import cProfile
+        import io
+        import pstats
+        cp = cProfile.Profile()
+        cp.enable()
+        for args, use_dpp in t["calls"]:
+            select_layer_stage(*args, use_dpp=use_dpp, ops=ops)
+        _sync(dev)
+        cp.disable()
+        buf = io.StringIO()
+        pstats.Stats(cp, stream=buf).sort_stats("cumulative").print_stats(28)
+        print(f"\n### cProfile, full mode {b}: {len(t['calls'])} selections\n")
+        print("\n".join(line for line in buf.getvalue().splitlines()[4:] if line.strip()))
         ka = prof.key_averages()
         for key in (["self_cuda_time_total"] if dev.type == "cuda" else []) + \
                 ["self_cpu_time_total"]:

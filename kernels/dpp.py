@@ -458,6 +458,13 @@ def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks:
         raise ValueError(f"features must be (S, n_max, C), got {tuple(features.shape)}")
     S, n_max, C = features.shape
     dev = features.device
+    if ks.device.type == "cpu" and lengths.device.type == "cpu":
+        # host counts (core.frame_level_select passes them): check and k_max without a read
+        if check and (bool((ks < 0).any()) or bool((ks > lengths).any())):
+            raise ValueError("every k_s must be in [0, lengths[s]]")
+        if k_max is None:
+            k_max = int(ks.max()) if S else 0
+        check = False
     lengths = lengths.to(dev, torch.int64).contiguous()
     ks = ks.to(dev, torch.int64).contiguous()
     if check and (bool((ks < 0).any()) or bool((ks > lengths).any())):

@@ -127,9 +127,10 @@ def relevance(Hv: torch.Tensor, Ht: Optional[torch.Tensor], sign: int = 1,
         raise ValueError(f"sign must be +1 or -1, got {sign}")
     lo, hi = p.min(), p.max()
     rng = hi - lo
-    if not bool(rng > 0):
-        return torch.ones_like(p)
-    return (p - lo) / rng
+    # constant (or NaN) scores -> r = 1; decided on the device (no host read)
+    ok = rng > 0
+    return torch.where(ok, (p - lo) / torch.where(ok, rng, torch.ones_like(rng)),
+                       torch.ones_like(p))
 
 
 def kernel_features(H: torch.Tensor, kind: str = "dot") -> Tuple[torch.Tensor, float]:
@@ -394,17 +395,24 @@ def _greedy_map_host(H: torch.Tensor, k: int, w: Optional[torch.Tensor], scale: 
 # ------------------------------------------------------------------------------------------
 # one frame-level selection (one stage)
 # ------------------------------------------------------------------------------------------
-def segment_layout(segment_ids: torch.Tensor,
-                   num_segments: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def segment_layout(segment_ids: torch.Tensor, num_segments: Optional[int] = None,
+                   lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Padded layout of tokens by segment: index (M, n_max) (token ids ascending, -1 pad)
-    and lengths (M,). Vectorised (stable sort by segment id)."""
+    and lengths (M,). Vectorised (stable sort by segment id). ``lengths``: the per-segment
+    counts on the host when the caller has them (then nothing is read back from the device)."""
     seg = segment_ids.to(torch.int64)
     n = seg.shape[0]
     dev = seg.device
-    M = int(num_segments) if num_segments is not None else (int(seg.max()) + 1 if n else 0)
-    lengths = torch.bincount(seg, minlength=M)[:M] if n else torch.zeros(
-        M, dtype=torch.int64, device=dev)
-    n_max = int(lengths.max()) if M else 0
+    if lengths is not None:
+        lengths_h = lengths.to("cpu", torch.int64)
+        M = int(num_segments) if num_segments is not None else lengths_h.shape[0]
+        n_max = int(lengths_h.max()) if M else 0
+        lengths = lengths_h.to(dev)
+    else:
+        M = int(num_segments) if num_segments is not None else (int(seg.max()) + 1 if n else 0)
+        lengths = torch.bincount(seg, minlength=M)[:M] if n else torch.zeros(
+            M, dtype=torch.int64, device=dev)
+        n_max = int(lengths.max()) if M else 0
     index = torch.full((M, n_max), -1, dtype=torch.int64, device=dev)
     if n:
         order = torch.sort(seg, stable=True).indices
@@ -444,23 +452,29 @@ def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
     if target == 0:
         return torch.empty(0, dtype=torch.int64, device=dev)
     seg = segment_ids.to(dev, torch.int64)
-    index, lengths = segment_layout(seg, num_segments)
-    M, n_max = index.shape
+    # One read of the segment ids: every M-sized quantity (lengths, Eq. 4-5 counts, k_max)
+    # is then known on the host, so on CUDA the stage reads back the ids and the segment
+    # sums only (plus the greedy kernel's fallback flag), not a dozen scalars.
+    seg_h = seg.cpu()
+    M = int(num_segments) if num_segments is not None else int(seg_h.max()) + 1
+    lengths_h = torch.bincount(seg_h, minlength=M)[:M]
+    index, lengths = segment_layout(seg, M, lengths=lengths_h)
     r = relevance(hidden, query, config.relevance_sign, config.relevance_source)
-    ks = segment_counts(hidden, seg, target, config, num_segments=M).to(dev)
+    ks_h = segment_counts(hidden, seg, target, config, num_segments=M, lengths=lengths_h)
     valid = index >= 0
     safe = index.clamp_min(0)
     r_pad = torch.where(valid, r[safe], torch.zeros_like(r[safe]))
     if use_dpp:
         V, sc = kernel_features(hidden, config.dpp_kernel)
         feats = V[safe]                                               # (M, n_max, C)
-        sel = (greedy or greedy_map_batched)(feats, lengths, ks, weights=r_pad, scale=sc,
+        sel = (greedy or greedy_map_batched)(feats, lengths_h, ks_h, weights=r_pad, scale=sc,
                                              eps=config.dpp_eps, fallback_scores=r_pad)
     else:
         key = torch.where(valid, -r_pad, torch.full_like(r_pad, float("inf")))
-        sel = torch.sort(key, dim=-1, stable=True).indices[:, : int(ks.max())]
+        sel = torch.sort(key, dim=-1, stable=True).indices[:, : int(ks_h.max())]
         ar = torch.arange(sel.shape[1], device=dev).unsqueeze(0)
-        sel = torch.where(ar < ks.unsqueeze(-1), sel, torch.full_like(sel, -1))
-    keep = sel >= 0
-    tok = index.gather(1, sel.clamp_min(0))[keep]
-    return torch.sort(tok).values
+        sel = torch.where(ar < ks_h.to(dev).unsqueeze(-1), sel, torch.full_like(sel, -1))
+    # exactly sum(ks) = target entries of sel are picks (the greedy fills every k_m, padding
+    # is -1): mask the rest with n and keep the target smallest -- no boolean-mask read-back
+    tok = torch.where(sel >= 0, index.gather(1, sel.clamp_min(0)), torch.full_like(sel, n))
+    return torch.sort(tok.flatten()).values[:target]

@@ -247,6 +247,35 @@ def segment_scores(g: torch.Tensor, lam: float = 0.5,
     return lam * s_r + (1.0 - lam) * (1.0 - s_l)
 
 
+def _reconcile_shift(lf_h: np.ndarray, kr_h: np.ndarray, target: int) -> float:
+    """The largest double tau (bisection) with sum_m lf_m clip(kr_m + tau, 0, 1) <= target,
+    for 0 < target < sum lf. Runs on the host in numpy (M values): one device read instead of
+    a host sync per step on CUDA, and a tenth of torch's per-op cost on CPU. numpy reduces in
+    an order fixed by the length alone (one thread), so every device and process gets the
+    same shift."""
+    buf = np.empty_like(kr_h)
+
+    def _sum(tau: float) -> float:   # preallocated, no numpy wrappers: ~1 us per call
+        np.add(kr_h, tau, out=buf)
+        np.clip(buf, 0.0, 1.0, out=buf)
+        np.multiply(lf_h, buf, out=buf)
+        return float(np.add.reduce(buf))
+
+    lo = -1.0 - float(kr_h.max())   # every segment at 0: sum 0 <= target
+    hi = 1.0 - float(kr_h.min())    # every segment full: sum total > target
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if mid == lo or mid == hi:
+            # lo and hi are adjacent doubles: every later step would leave them unchanged
+            # (_sum(lo) <= target < _sum(hi) is kept), so stopping here gives the same lo
+            break
+        if _sum(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def allocate_segment_counts(lengths: torch.Tensor, keep_ratio: torch.Tensor,
                             target: int) -> torch.Tensor:
     """Integer counts x_m in [0, len_m] with sum x_m = target, close to keep_ratio_m * len_m.
@@ -268,24 +297,7 @@ def allocate_segment_counts(lengths: torch.Tensor, keep_ratio: torch.Tensor,
         return lengths.clone()
     lf = lengths.to(torch.float64)
     kr = keep_ratio.to(torch.float64).to(dev)
-    # The bisection runs on the host in numpy (M values): one device read instead of a
-    # host sync per step on CUDA, and a tenth of torch's per-op cost on CPU. numpy reduces in
-    # an order fixed by the length alone (one thread), so every device and process gets the
-    # same shift.
-    lf_h = lf.cpu().numpy()
-    kr_h = kr.cpu().numpy()
-
-    def _sum(tau: float) -> float:
-        return float(np.add.reduce(lf_h * np.clip(kr_h + tau, 0.0, 1.0)))
-
-    lo = -1.0 - float(kr_h.max())   # every segment at 0: sum 0 <= target
-    hi = 1.0 - float(kr_h.min())    # every segment full: sum total >= target
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if _sum(mid) <= target:
-            lo = mid
-        else:
-            hi = mid
+    lo = _reconcile_shift(lf.cpu().numpy(), kr.cpu().numpy(), target)
     y = lf * (kr + lo).clamp(0.0, 1.0)
     base = torch.minimum(torch.floor(y).to(torch.int64), lengths)
     r = target - int(base.sum())
@@ -328,7 +340,8 @@ def segment_sums(features: torch.Tensor, seg: torch.Tensor, M: int,
 
 
 def segment_counts(features: torch.Tensor, segment_ids: torch.Tensor, target: int,
-                   config: HieraVidConfig, num_segments: Optional[int] = None) -> torch.Tensor:
+                   config: HieraVidConfig, num_segments: Optional[int] = None,
+                   lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-segment kept counts for one pruning stage (Eq. 4-5), summing exactly to ``target``.
 
     ``features`` (n, C) are the tokens entering the stage, ``segment_ids`` (n,) their segment
@@ -339,28 +352,40 @@ def segment_counts(features: torch.Tensor, segment_ids: torch.Tensor, target: in
     authors' code computes keep = base + R_var * z; we follow the text and the code by default
     (keep_m = base_keep + R_var z_m) and ``segment_score_keeps_more=False`` gives the literal
     Eq. 5. base_keep = target / n. Reconciled by :func:`allocate_segment_counts`.
-    Returns int64 (M,), empty segments get 0.
+
+    Everything of size M runs on the host: the segment sums (the only (n, C) work) are
+    computed where ``features`` live and read back once, then Eq. 4-5 and the allocation run
+    on CPU tensors (on CUDA: two device reads instead of a dozen syncs and ~100 tiny
+    launches). ``lengths``: the per-segment token counts when the caller already has them on
+    the host (else one read of ``segment_ids``). Returns int64 (M,) on the host when
+    ``lengths`` is given, else on ``segment_ids``' device; empty segments get 0.
     """
     seg = segment_ids.to(torch.int64)
     n = seg.shape[0]
-    M = int(num_segments) if num_segments is not None else (int(seg.max()) + 1 if n else 0)
-    lengths = torch.bincount(seg, minlength=M)[:M] if n else torch.zeros(
-        M, dtype=torch.int64, device=seg.device)
+    out_dev = torch.device("cpu") if lengths is not None else seg.device
+    if lengths is None:
+        seg_h = seg.cpu()
+        M = int(num_segments) if num_segments is not None else (int(seg_h.max()) + 1 if n else 0)
+        lengths = torch.bincount(seg_h, minlength=M)[:M] if n else torch.zeros(
+            M, dtype=torch.int64)
+    else:
+        lengths = lengths.to("cpu", torch.int64)
+        M = int(num_segments) if num_segments is not None else lengths.shape[0]
     if n == 0 or M == 0:
         if target != 0:
             raise ValueError(f"target {target} with no tokens")
-        return torch.zeros(M, dtype=torch.int64, device=seg.device)
+        return torch.zeros(M, dtype=torch.int64, device=out_dev)
     base_keep = target / n
     nonempty = lengths > 0
-    z = torch.zeros(M, dtype=torch.float64, device=seg.device)
+    z = torch.zeros(M, dtype=torch.float64)
     if int(nonempty.sum()) > 1 and config.r_var > 0:
-        sums = segment_sums(features, seg, M)
-        g = sums / lengths.clamp_min(1).to(sums.device, torch.float32).unsqueeze(-1)
+        sums = segment_sums(features, seg, M).cpu()
+        g = sums / lengths.clamp_min(1).to(torch.float32).unsqueeze(-1)
         idx = torch.nonzero(nonempty).squeeze(-1)
-        b = segment_scores(g[idx.to(g.device)], config.lam, config.missing_neighbor).to(seg.device)
+        b = segment_scores(g[idx], config.lam, config.missing_neighbor)
         std = b.std(correction=0)
         if float(std) > 1e-12:
             z[idx] = (b - b.mean()) / std
     sign = 1.0 if config.segment_score_keeps_more else -1.0
     keep = base_keep + sign * config.r_var * z
-    return allocate_segment_counts(lengths, keep, int(target))
+    return allocate_segment_counts(lengths, keep, int(target)).to(out_dev)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hieravid_vllm.core import HieraVidConfig
-from hieravid_vllm.core.schedule import (allocate_segment_counts, build_schedule,
+from hieravid_vllm.core.schedule import (_reconcile_shift, allocate_segment_counts, build_schedule,
                                          segment_counts, segment_scores, stage_retention)
 
 
@@ -123,6 +123,54 @@ def test_allocate_exact_random():
     # largest remainder, ties by lower index: 1/3 of (1, 1, 1) -> 1 token to segment 0
     c = allocate_segment_counts(torch.tensor([1, 1, 1]), torch.full((3,), 1 / 3), 1)
     assert c.tolist() == [1, 0, 0]
+
+
+def _shift_100_steps(lengths, keep, target):
+    """The reconciliation shift as first written: 100 bisection steps, no early stop."""
+    import numpy as np
+    lf, kr = lengths.double().numpy(), keep.double().numpy()
+
+    def tot(tau):
+        return float(np.add.reduce(lf * np.clip(kr + tau, 0.0, 1.0)))
+    lo, hi = -1.0 - float(kr.max()), 1.0 - float(kr.min())
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if tot(mid) <= target else (lo, mid)
+    return lo
+
+
+def test_allocate_stops_bisection_early_with_the_same_shift():
+    """The bisection stops once lo / hi are adjacent doubles: the shift is bit for bit the
+    one of the full 100 steps, and the counts equal those (recomputed here from the shift of the original loop), for short and long
+    segment lists (numpy's pairwise summation from 8 values on) and shifts near 0."""
+    rnd = random.Random(5)
+    for i in range(600):
+        M = rnd.choice([1, 2, 3, 7, 8, 9, 16, 40, 130])
+        lengths = torch.tensor([rnd.randint(0, 900) for _ in range(M)])
+        total = int(lengths.sum())
+        if total < 2:
+            continue
+        target = rnd.randint(1, total - 1)
+        keep = torch.tensor([rnd.uniform(-0.3, 1.3) for _ in range(M)], dtype=torch.float64)
+        if i % 5 == 0:       # exact proportional targets: the shift is (close to) 0
+            keep = torch.full((M,), target / total, dtype=torch.float64)
+        tau = _shift_100_steps(lengths, keep, target)
+        assert _reconcile_shift(lengths.double().numpy(), keep.double().numpy(), target) \
+            == tau, i                                     # bit for bit
+        y = lengths.double() * (keep + tau).clamp(0.0, 1.0)
+        base = torch.minimum(torch.floor(y).long(), lengths)
+        c = allocate_segment_counts(lengths, keep, target)
+        _check_alloc(c, lengths, target)
+        # same floors; the remainder goes by the same fractional parts
+        assert (c - base).min() >= 0 and (c - base).max() <= 1, (i, c, base)
+        frac = (y - base.double())
+        r = target - int(base.sum())
+        elig = base < lengths
+        key = torch.where(elig, -frac, torch.full_like(frac, float("inf")))
+        want = base.clone()
+        want[torch.sort(key, stable=True).indices[:min(max(r, 0), int(elig.sum()))]] += 1
+        if int(want.sum()) == target:
+            assert torch.equal(c, want), i
 
 
 def test_segment_counts_direction_and_edge_cases():

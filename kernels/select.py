@@ -21,7 +21,8 @@ def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
                        backend: str = "auto", split=None) -> torch.LongTensor:
     """Keep ``target`` of the ``hidden`` (n, C) tokens, ascending positions (see the core
     function for the algorithm); ``backend`` picks the greedy MAP implementation, ``split``
-    the experimental multi-program kernel (Triton path only)."""
+    the greedy launch (Triton path only; None: ``default_split``, the multi-program kernel on
+    CUDA)."""
     from hieravid_vllm.core.config import HieraVidConfig
     from hieravid_vllm.core.dpp import frame_level_select as core_select
 

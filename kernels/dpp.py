@@ -62,7 +62,7 @@ def default_split(device: torch.device) -> Optional[Union[int, str]]:
     CUDA: ``"auto"``, the multi-program kernel (:mod:`hieravid_kernels.dpp_coop`, every segment
     over as many SMs as the launch can hold at once). On an H200 it picked the same tokens as the
     reference in every case of ``benchmarks/kernels.py --check`` and ran the 64-frame
-    LLaVA-Video-7B stages 4-8x faster than one program per segment (benchmarks/RESULTS.md,
+    LLaVA-Video-7B / Qwen2.5-VL-7B stages 4-12x faster than one program per segment (benchmarks/RESULTS.md,
     kernels section). CPU (the interpreter runs programs one after another, so P > 1 cannot
     complete there): None, one program per segment.
 
@@ -458,20 +458,15 @@ def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks:
         raise ValueError(f"features must be (S, n_max, C), got {tuple(features.shape)}")
     S, n_max, C = features.shape
     dev = features.device
-    if ks.device.type == "cpu" and lengths.device.type == "cpu":
-        # host counts (core.frame_level_select passes them): check and k_max without a read
-        if check and (bool((ks < 0).any()) or bool((ks > lengths).any())):
-            raise ValueError("every k_s must be in [0, lengths[s]]")
-        if k_max is None:
-            k_max = int(ks.max()) if S else 0
-        check = False
-    lengths = lengths.to(dev, torch.int64).contiguous()
-    ks = ks.to(dev, torch.int64).contiguous()
-    if check and (bool((ks < 0).any()) or bool((ks > lengths).any())):
+    # checked where the counts live: host counts (core.frame_level_select passes them) need
+    # no read-back, device counts one each
+    if check and (bool((ks < 0).any()) or bool((ks > lengths.to(ks.device)).any())):
         raise ValueError("every k_s must be in [0, lengths[s]]")
     if k_max is None:
         k_max = int(ks.max()) if S else 0
     k_max = int(k_max)
+    lengths = lengths.to(dev, torch.int64).contiguous()
+    ks = ks.to(dev, torch.int64).contiguous()
     if k_max == 0 or S == 0:
         return torch.full((S, k_max), -1, dtype=torch.int64, device=dev)
     sc = (1.0 / C) if scale is None else float(scale)

@@ -29,13 +29,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import write_section  # noqa: E402
+
 _spec = importlib.util.spec_from_file_location("hv_bench_kernels", os.path.join(HERE, "kernels.py"))
 bk = importlib.util.module_from_spec(_spec)      # torch, core, hieravid_kernels, pydantic stand-in
 _spec.loader.exec_module(bk)
@@ -44,12 +48,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from hieravid_vllm.core.config import HieraVidConfig  # noqa: E402
-from hieravid_vllm.core.flops import ModelSpec, prefill_flops  # noqa: E402
+from hieravid_vllm.core.flops import prefill_flops  # noqa: E402
 from hieravid_vllm.core.pipeline import prune_input_stage, select_layer_stage  # noqa: E402
 from hieravid_vllm.core.schedule import build_schedule, round_half_up  # noqa: E402
 
 BEGIN, END = "<!-- prefill-gpu:begin -->", "<!-- prefill-gpu:end -->"
-ENV_SPLIT = "HIERAVID_DPP_SPLIT"
+ENV_SPLIT = bk.hk.dpp.ENV_SPLIT
 SHAPES = {
     # layers, hidden, heads, kv heads, ffn; video (T, H', W')
     "7b": dict(L=28, d=3584, nh=28, nkv=4, m=18944, video=(64, 13, 13)),
@@ -69,9 +73,8 @@ class Decoder:
                             o=w(d, d), gu=w(2 * m, d), down=w(d, m),
                             n1=torch.ones(d, device=dev, dtype=dtype),
                             n2=torch.ones(d, device=dev, dtype=dtype)) for _ in range(L)]
-        inv = 1.0 / (1e6 ** (torch.arange(0, self.hd, 2, device=dev, dtype=torch.float32)
-                             / self.hd))
-        self.inv_freq = inv
+        self.inv_freq = 1.0 / (1e6 ** (torch.arange(0, self.hd, 2, device=dev,
+                                                    dtype=torch.float32) / self.hd))
 
     @staticmethod
     def _norm(x, w, eps=1e-6):
@@ -187,7 +190,6 @@ def bench(shape: str, budgets, reps: int, dev, dtype, seed: int = 0, split_off: 
     T, Hh, Ww = S["video"]
     N = T * Hh * Ww
     dec = Decoder(S["L"], S["d"], S["nh"], S["nkv"], S["m"], dev, dtype)
-    spec = ModelSpec(S["L"], S["d"], S["m"])
     feats = bk.video_features(T, Hh, Ww, S["d"], dev, gen).to(dtype)
     pre = (torch.randn(14, S["d"], generator=gen) * 0.5).to(dev, dtype)
     post = (torch.randn(30, S["d"], generator=gen) * 0.5).to(dev, dtype)
@@ -238,13 +240,8 @@ def bench(shape: str, budgets, reps: int, dev, dtype, seed: int = 0, split_off: 
             sched = build_schedule(cfg, N, S["L"], max_merge=(T - 1) * Hh * Ww)
             rows.append((f"hieravid {b} {mode}", sched, median_of(hv)))
             if split_off:   # the greedy MAP with one program per segment (the old default)
-                old = os.environ.get(ENV_SPLIT)
-                os.environ[ENV_SPLIT] = "off"
-                try:
+                with mock.patch.dict(os.environ, {ENV_SPLIT: "off"}):
                     rows.append((f"hieravid {b} {mode} (DPP split off)", sched, median_of(hv)))
-                finally:
-                    os.environ.pop(ENV_SPLIT) if old is None else os.environ.update(
-                        {ENV_SPLIT: old})
     if profile:
         profile_selection(feats, pre, post, all_pos, post_pos, dec, budgets, ops, dev, S)
     base = rows[0][2]["total"]
@@ -310,16 +307,8 @@ def main(argv=None) -> int:
     text = render(rows, N, shape, dev, args.reps, budgets, args.split_off)
     print(text)
     if args.write:
-        src = open(args.results).read()
-        block = f"{BEGIN}\n{text}\n{END}"
-        if BEGIN in src:
-            head, rest = src.split(BEGIN, 1)
-            src = head + block + rest.split(END, 1)[1]
-        else:
-            src = src.rstrip("\n") + "\n\n## 7B-shaped prefill on the GPU (`benchmarks/" \
-                "prefill_gpu.py`)\n\n" + block + "\n"
-        with open(args.results, "w") as f:
-            f.write(src)
+        write_section(Path(args.results), BEGIN, END,
+                      "7B-shaped prefill on the GPU (`benchmarks/prefill_gpu.py`)", text)
     return 0
 
 

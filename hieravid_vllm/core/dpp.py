@@ -440,7 +440,8 @@ def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
     :func:`greedy_map_batched` (the default); ``hieravid_kernels.frame_level_select`` passes its
     dispatch here (Triton on CUDA tensors).
     """
-    from .schedule import segment_counts  # local import: schedule imports nothing from here
+    # local import: schedule imports nothing from here
+    from .schedule import host_segment_lengths, segment_counts
 
     n = hidden.shape[0]
     dev = hidden.device
@@ -455,9 +456,8 @@ def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
     # One read of the segment ids: every M-sized quantity (lengths, Eq. 4-5 counts, k_max)
     # is then known on the host, so on CUDA the stage reads back the ids and the segment
     # sums only (plus the greedy kernel's fallback flag), not a dozen scalars.
-    seg_h = seg.cpu()
-    M = int(num_segments) if num_segments is not None else int(seg_h.max()) + 1
-    lengths_h = torch.bincount(seg_h, minlength=M)[:M]
+    lengths_h = host_segment_lengths(seg, num_segments)
+    M = lengths_h.shape[0]
     index, lengths = segment_layout(seg, M, lengths=lengths_h)
     r = relevance(hidden, query, config.relevance_sign, config.relevance_source)
     ks_h = segment_counts(hidden, seg, target, config, num_segments=M, lengths=lengths_h)

@@ -339,6 +339,16 @@ def segment_sums(features: torch.Tensor, seg: torch.Tensor, M: int,
     return torch.zeros(M, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, idx, x)
 
 
+def host_segment_lengths(segment_ids: torch.Tensor,
+                         num_segments: Optional[int] = None) -> torch.Tensor:
+    """Tokens per segment (M,) int64 on the host, from one read of ``segment_ids`` (ids
+    0..M-1; M = ``num_segments`` or max id + 1)."""
+    seg_h = segment_ids.to("cpu", torch.int64)
+    n = seg_h.shape[0]
+    M = int(num_segments) if num_segments is not None else (int(seg_h.max()) + 1 if n else 0)
+    return torch.bincount(seg_h, minlength=M)[:M] if n else torch.zeros(M, dtype=torch.int64)
+
+
 def segment_counts(features: torch.Tensor, segment_ids: torch.Tensor, target: int,
                    config: HieraVidConfig, num_segments: Optional[int] = None,
                    lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -363,14 +373,9 @@ def segment_counts(features: torch.Tensor, segment_ids: torch.Tensor, target: in
     seg = segment_ids.to(torch.int64)
     n = seg.shape[0]
     out_dev = torch.device("cpu") if lengths is not None else seg.device
-    if lengths is None:
-        seg_h = seg.cpu()
-        M = int(num_segments) if num_segments is not None else (int(seg_h.max()) + 1 if n else 0)
-        lengths = torch.bincount(seg_h, minlength=M)[:M] if n else torch.zeros(
-            M, dtype=torch.int64)
-    else:
-        lengths = lengths.to("cpu", torch.int64)
-        M = int(num_segments) if num_segments is not None else lengths.shape[0]
+    lengths = (host_segment_lengths(seg, num_segments) if lengths is None
+               else lengths.to("cpu", torch.int64))
+    M = lengths.shape[0]
     if n == 0 or M == 0:
         if target != 0:
             raise ValueError(f"target {target} with no tokens")

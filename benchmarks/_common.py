@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import signal
+import time
 from pathlib import Path
 
 
@@ -24,10 +26,21 @@ def run_isolated(fn, *args, timeout: float = 900) -> dict:
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(q, fn, args))
     p.start()
+    deadline = time.monotonic() + timeout
     try:
-        return q.get(timeout=timeout)
-    except Exception as e:
-        return {"error": f"no result: {e}"}
+        # poll, so that a child that died without a result (e.g. it could not unpickle
+        # ``fn``) is an error now, not after ``timeout``
+        while True:
+            try:
+                return q.get(timeout=min(5.0, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    return {"error": f"no result within {timeout:g} s"}
+                if not p.is_alive():
+                    try:
+                        return q.get(timeout=1.0)
+                    except queue.Empty:
+                        return {"error": f"no result: the child exited with code {p.exitcode}"}
     finally:
         p.join(timeout=120)
         try:

@@ -26,7 +26,7 @@ from typing import List, Optional
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from hieravid_vllm.stages import compacted_tokens  # noqa: F401  (the stage KV count rule)
+from hieravid_vllm.stages import NO_SPANS, StageSpans
 
 logger = logging.getLogger("vllm.hieravid_vllm")
 
@@ -83,7 +83,8 @@ class HieraVidScheduler(Scheduler):
 
     With one KV cache group per stage (patch :mod:`hieravid_vllm.patches.engine_core.
     kv_cache_groups`) the group of stage ``g`` allocates only the slots its kept tokens need
-    (:func:`compacted_tokens`; the managers are wrapped per instance by
+    (:func:`hieravid_vllm.stages.compacted_tokens`, :class:`hieravid_vllm.stages.StageSpans`;
+    the managers are wrapped per instance by
     :mod:`hieravid_vllm.patches.engine_core.stage_kv_manager`), so a request's KV memory is
     about the sum over stages of its kept tokens, and admission counts that smaller
     footprint. Creating it switches on the per-request block keys
@@ -106,13 +107,13 @@ class HieraVidScheduler(Scheduler):
                     stage_kv_manager.wrap_stage_manager(m, g, self._hv_spans_of)
             logger.info("HieraVid: %d KV cache groups (one per stage)", len(groups))
 
-    def _hv_spans_of(self, request_id: str):
-        return self._hv_spans.get(request_id, ())
+    def _hv_spans_of(self, request_id: str) -> StageSpans:
+        return self._hv_spans.get(request_id, NO_SPANS)
 
     def add_request(self, request) -> None:
         if _video_spans(request):
-            self._hv_spans[request.request_id] = request_stage_spans(request,
-                                                                     self._hv_hf_config)
+            self._hv_spans[request.request_id] = StageSpans(
+                request_stage_spans(request, self._hv_hf_config))
         super().add_request(request)
 
     def _free_request(self, request, *args, **kwargs):

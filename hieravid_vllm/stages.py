@@ -134,6 +134,36 @@ def compacted_tokens(spans, g: int, n: int) -> int:
     return c
 
 
+class StageSpans:
+    """:func:`compacted_tokens` of one request, with its decode case precomputed.
+
+    Every scheduling step asks the KV managers of the ``S - 1`` later stage groups how many
+    slots a request needs (twice per group); past the end of the request's last video --
+    every decode step -- the answer is ``n - dropped[g]`` (visual tokens dropped before stage
+    ``g`` over all videos), computed once here instead of a walk over the spans per call.
+    ``spans``: (offset, counts per stage) of the request's videos in order.
+    """
+
+    __slots__ = ("spans", "end", "dropped")
+
+    def __init__(self, spans) -> None:
+        self.spans = tuple((int(o), tuple(int(x) for x in c)) for o, c in spans)
+        self.end = max((o + c[0] for o, c in self.spans), default=0)
+        num_stages = max((len(c) for _o, c in self.spans), default=1)
+        self.dropped = tuple(sum(c[0] - c[g] for _o, c in self.spans)
+                             for g in range(num_stages))
+
+    def compact(self, g: int, n: int) -> int:
+        """Slots stage ``g`` needs for the request's first ``n`` tokens."""
+        if n >= self.end:
+            return n - self.dropped[g] if self.spans else n
+        return compacted_tokens(self.spans, g, n)
+
+
+#: The :class:`StageSpans` of a request without a pruned video (every stage counts ``n``).
+NO_SPANS = StageSpans(())
+
+
 def plan_requests(reqs: List[_ReqPlan], num_stages: int):
     """Per stage: (query lens, computed-prefix lens) in compacted coordinates; checks that
     every request either selects in this step (whole video + last prompt token scheduled) or
@@ -188,7 +218,11 @@ def _slot_mapping(block_table: np.ndarray, block_size: int, nc: np.ndarray, q: n
     out = np.full(total, -1, dtype=np.int64)
     q = np.asarray(q, dtype=np.int64)
     n = int(q.sum())
-    if n:
+    if n == len(q) and n <= total and (q == 1).all():  # decode: one token per request
+        j = np.asarray(nc, dtype=np.int64)
+        out[:n] = block_table[np.arange(n), j // block_size].astype(np.int64) * block_size + \
+            j % block_size
+    elif n:
         req = np.repeat(np.arange(len(q)), q)
         first = np.cumsum(q) - q
         j = np.asarray(nc, dtype=np.int64)[req] + np.arange(n, dtype=np.int64) - first[req]
@@ -258,6 +292,7 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
         names_by_stage = {g: set(n) for g, n in
                           stage_layer_names(attn_metadata.keys(), boundaries).items()}
         model.hieravid_state.names_by_stage = names_by_stage
+    stage_names = model.hieravid_state.stage_names
     is_prefilling = torch.from_numpy(nc[0] < np.asarray([r.num_prompt for r in reqs]))
     from vllm.v1.attention.backend import CommonAttentionMetadata  # worker only
 
@@ -291,7 +326,11 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
             is_prefilling=is_prefilling,
         )
         for attn_group in runner.attn_groups[gid]:
-            group_names = [n for n in attn_group.layer_names if n in names]
+            key = (g, id(attn_group))
+            group_names = stage_names.get(key)
+            if group_names is None:  # constant per model: filtered once
+                group_names = stage_names[key] = [n for n in attn_group.layer_names
+                                                  if n in names]
             if not group_names:
                 continue
             md = attn_group.build_metadata(cm, 0)
@@ -469,7 +508,8 @@ class StageState:
       (:meth:`free_request`).
     * the step plan: set by the runner hook for the step (:meth:`set_plan`), taken once by the
       model's forward (:meth:`take_plan`).
-    * ``names_by_stage``: attention layer names per stage (constant per model).
+    * ``names_by_stage``: attention layer names per stage, ``stage_names`` per stage and
+      attention group (constant per model).
     """
 
     def __init__(self) -> None:
@@ -479,6 +519,7 @@ class StageState:
         self.summaries: Dict[str, VideoSummary] = {}  # of ``videos`` (requests with one)
         self._plan: Optional[StepPlan] = None
         self.names_by_stage: Optional[Dict[int, set]] = None
+        self.stage_names: Dict[tuple, List[str]] = {}  # (stage, attn group) -> its layers
 
     # encoder outputs
     def add_output(self, row: torch.Tensor, layout: tuple) -> None:

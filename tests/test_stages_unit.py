@@ -18,6 +18,7 @@ import pytest
 from hieravid_vllm.core import HieraVidConfig
 from hieravid_vllm.stages import VideoSpan, VideoSummary, _ReqPlan, _slot_mapping, plan_requests
 from hieravid_vllm import scheduler as hsched
+from hieravid_vllm import stages as hstages
 
 CFG = HieraVidConfig(budget=0.3)
 
@@ -97,12 +98,13 @@ def test_plan_requests_rejects_split_video_and_missing_question():
         plan_requests([_ReqPlan(0, 0, 35, 40, [v])], 4)
 
 
-def test_slot_mapping_is_block_table_lookup():
+@pytest.mark.parametrize("q", [[40, 1, 60, 0, 7], [1, 1, 1, 1, 1], [2, 0, 1, 1, 1]])
+def test_slot_mapping_is_block_table_lookup(q):
     rng = np.random.default_rng(0)
     bs = 16
     table = rng.permutation(200).reshape(5, 40)
     nc = np.array([0, 17, 33, 5, 100])
-    q = np.array([40, 1, 60, 0, 7])
+    q = np.array(q)
     got = _slot_mapping(table, bs, nc, q, int(q.sum()) + 3)
     want = []
     for i in range(5):
@@ -266,4 +268,10 @@ def test_compacted_tokens_matches_token_simulation():
             for g in range(4):
                 if any(v.offset < n < v.visual_end for v in videos):
                     continue
-                assert hsched.compacted_tokens(spans, g, n) == int(surv[g, :n].sum())
+                assert hstages.compacted_tokens(spans, g, n) == int(surv[g, :n].sum())
+        # the scheduler's per-request form (decode shortcut past the last video) counts alike
+        fast = hstages.StageSpans(spans)
+        for n in range(total + 1):
+            for g in range(4):
+                assert fast.compact(g, n) == hstages.compacted_tokens(spans, g, n), (n, g)
+    assert hstages.NO_SPANS.compact(2, 17) == 17

@@ -22,31 +22,35 @@ TARGETS = ("SingleTypeKVCacheManager.get_num_blocks_to_allocate",
 
 
 def wrap_stage_manager(manager, g: int, spans_of) -> None:
-    """Make the KV cache manager of stage ``g``'s group count compacted tokens."""
-    from hieravid_vllm.stages import compacted_tokens
+    """Make the KV cache manager of stage ``g``'s group count compacted tokens.
+
+    ``spans_of(request_id)``: the request's :class:`hieravid_vllm.stages.StageSpans`
+    (``NO_SPANS`` for a request without a pruned video). Called on every scheduling step for
+    every running request, so the wrappers take vLLM's arguments as they come and touch only
+    the token counts."""
 
     def make_n(orig_n):
         def get_num_blocks_to_allocate(request_id, num_tokens, new_computed_blocks,
                                        total_computed_tokens, num_local_computed_tokens,
                                        num_tokens_main_model, *args, **kwargs):
-            sp = spans_of(request_id)
-            return orig_n(request_id, compacted_tokens(sp, g, num_tokens), new_computed_blocks,
+            c = spans_of(request_id).compact
+            return orig_n(request_id, c(g, num_tokens), new_computed_blocks,
                           total_computed_tokens, num_local_computed_tokens,
-                          compacted_tokens(sp, g, num_tokens_main_model), *args, **kwargs)
+                          c(g, num_tokens_main_model), *args, **kwargs)
         return get_num_blocks_to_allocate
 
     def make_alloc(orig_alloc):
         def allocate_new_blocks(request_id, num_tokens, num_tokens_main_model, *args,
                                 **kwargs):
-            sp = spans_of(request_id)
-            return orig_alloc(request_id, compacted_tokens(sp, g, num_tokens),
-                              compacted_tokens(sp, g, num_tokens_main_model), *args, **kwargs)
+            c = spans_of(request_id).compact
+            return orig_alloc(request_id, c(g, num_tokens), c(g, num_tokens_main_model),
+                              *args, **kwargs)
         return allocate_new_blocks
 
     def make_cache(orig_cache):
         def cache_blocks(request, num_tokens, *args, **kwargs):
-            return orig_cache(request, compacted_tokens(spans_of(request.request_id), g,
-                                                        num_tokens), *args, **kwargs)
+            return orig_cache(request, spans_of(request.request_id).compact(g, num_tokens),
+                              *args, **kwargs)
         return cache_blocks
 
     wrap_instance(manager, "get_num_blocks_to_allocate", make_n)

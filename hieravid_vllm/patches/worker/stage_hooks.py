@@ -6,7 +6,7 @@ per-layer slot-mapping dict; ``_build_attention_metadata`` builds the step plan 
 attention metadata and slot mapping per stage (:func:`hieravid_vllm.stages.build_step_plan`)
 right after vLLM built its own, and hands the plan to the model's
 :class:`hieravid_vllm.stages.StageState` for this step's forward. Arguments are read by name
-(``inspect.signature(...).bind``), not by position.
+(``inspect.signature(...).bind`` when any comes by position), not by position.
 Why: vLLM builds one attention metadata per KV cache group for all layers; HieraVid's later
 stages attend over fewer (compacted) tokens.
 When it can go: when vLLM lets a model build metadata for layers with fewer tokens.
@@ -51,7 +51,9 @@ def apply(module) -> None:
             if not getattr(model, "hieravid_stages_enabled", False):
                 return attn_metadata, spec
             model.hieravid_state.set_plan(None)
-            bound = sig.bind(self, *args, **kwargs).arguments
+            # vLLM passes everything by keyword; bind only a positional call (once per step
+            # it would cost more than the rest of this hook on a decode step)
+            bound = sig.bind(self, *args, **kwargs).arguments if args else kwargs
             if not getattr(self, "_hieravid_in_step", False) or \
                     bound.get("for_cudagraph_capture") or \
                     bound.get("ubatch_slices") is not None:

@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Where an engine step's time goes, per configuration, side by side (issue #14's profile).
+
+One in-process vLLM engine per configuration (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, each in
+its own spawned process, one after another, ``--rounds`` times alternating), the same N video
+requests (one distinct clip each, the ``serve.py`` clip plan) prefilled in one step and then
+decoded for ``--max-tokens`` tokens. Per engine step it times vLLM's own functions (wrapped
+for the run only): the scheduler (``Scheduler.schedule``, ``update_from_output``) and the
+model runner (``_update_states``, ``_prepare_inputs`` -- slot mappings of every KV cache
+group, M-RoPE --, ``_build_attention_metadata`` -- with HieraVid's per-stage metadata --,
+``_preprocess``, ``_model_forward``, ``sample_tokens``). Reported: the first step (the
+prefill of every video, in full mode with the in-LLM selections) and the median decode step,
+per function, median over rounds; and the ratios full / input_only.
+
+    python benchmarks/step_profile.py [--requests 16] [--max-tokens 256] [--rounds 3]
+        [--budget 0.3] [--configs input_only,full] [--results-md benchmarks/RESULTS.md]
+
+Everything runs on the machine's CPU with the tiny ``bench`` Qwen2.5-VL (no GPU numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import run_isolated, write_section  # noqa: E402
+
+MARK_BEGIN = "<!-- step-profile:begin -->"
+MARK_END = "<!-- step-profile:end -->"
+SCHED_FNS = ("schedule", "update_from_output")
+RUNNER_FNS = ("_update_states", "_prepare_inputs", "_build_attention_metadata", "_preprocess",
+              "_model_forward", "sample_tokens")
+CONFIGS = {"unpruned": None,
+           "input_only": {"mode": "input_only"},
+           "full": {"mode": "full"}}
+
+
+def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset: str,
+         video_dir: str, kv_groups: str | None) -> dict:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if kv_groups is not None:
+        os.environ["HIERAVID_KV_GROUPS"] = kv_groups
+    import gc
+
+    from vllm import LLM, SamplingParams
+    from vllm.v1.core.sched import scheduler as sched_mod
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.worker import gpu_model_runner as runner_mod
+
+    from hieravid_vllm.testing.models import build_tiny_model
+    from hieravid_vllm.testing.server import kv_cache_bytes
+    from hieravid_vllm.testing.video import video_data_url
+    from serve import write_videos
+
+    fn_times: dict = defaultdict(list)
+
+    def timed(cls, name):
+        orig = getattr(cls, name)
+
+        def wrapper(self, *a, **k):
+            t = time.perf_counter()
+            try:
+                return orig(self, *a, **k)
+            finally:
+                fn_times[name].append(time.perf_counter() - t)
+        setattr(cls, name, wrapper)
+
+    timed(EngineCore, "step")  # before the engine exists: it binds step at start-up
+    for n in SCHED_FNS:
+        timed(sched_mod.Scheduler, n)
+    for n in RUNNER_FNS:
+        timed(runner_mod.GPUModelRunner, n)
+    steps = fn_times["step"]
+
+    model = str(build_tiny_model("qwen2_5_vl", preset=preset))
+    vids = write_videos(Path(video_dir), n_req + 1, frames, [1, 2, 3, 4], 224, 224, 8.0)
+    max_len = 16384
+    kw = dict(dtype="float32", max_model_len=max_len,
+              kv_cache_memory_bytes=kv_cache_bytes(model, 4 * max_len), enforce_eager=True,
+              enable_prefix_caching=False, max_num_batched_tokens=max_len,
+              limit_mm_per_prompt={"video": 1}, disable_log_stats=True,
+              media_io_kwargs={"video": {"fps": 8.0}})
+    if CONFIGS[config] is not None:
+        kw["additional_config"] = {"hieravid": dict(CONFIGS[config], budget=budget)}
+    llm = LLM(model, **kw)
+    try:
+        def msgs(v):
+            return [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": video_data_url(v.path)}},
+                {"type": "text", "text": "Describe what happens in this video."}]}]
+
+        warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        llm.chat(msgs(vids[0]), warm, use_tqdm=False)
+        convs = [msgs(v) for v in vids[1:]]
+        # the videos' frames and encoder outputs once, so the measured run's first step is
+        # the LLM prefill of every video (as the serve benchmark's warm server sees it: the
+        # encoder cache is keyed by the video, the processor cache by the request)
+        llm.chat(convs, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+                 use_tqdm=False)
+        for v in fn_times.values():
+            v.clear()
+        gc.collect()
+        t0 = time.perf_counter()
+        out = llm.chat(convs, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                             ignore_eos=True), use_tqdm=False)
+        wall = time.perf_counter() - t0
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    # steps: 0 = prefill of every request; decode steps from 1 (the last two may be short)
+    res = {"config": config, "wall_s": wall, "steps": len(steps),
+           "prompt_tokens_mean": statistics.mean(len(o.prompt_token_ids) for o in out),
+           "first": {"step": steps[0] * 1e3}, "decode": {"step": _med(steps[1:-2]) * 1e3}}
+    for name, ts in fn_times.items():
+        if name != "step" and len(ts) == len(steps):  # one call per step
+            res["first"][name] = ts[0] * 1e3
+            res["decode"][name] = _med(ts[1:-2]) * 1e3
+    return res
+
+
+def _med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run(args) -> dict:
+    frames = [int(f) for f in args.frames.split(",")]
+    video_dir = tempfile.mkdtemp(prefix="hv-step-profile-")
+    rounds = []
+    for r in range(args.rounds):
+        for cfg in args.configs:
+            res = run_isolated(_run, cfg, args.budget, args.requests, args.max_tokens, frames,
+                               args.preset, video_dir, args.kv_groups, timeout=args.timeout)
+            res.setdefault("config", cfg)
+            res["round"] = r
+            rounds.append(res)
+            print(json.dumps(res), file=sys.stderr, flush=True)
+    return {"rounds": rounds, "args": vars(args)}
+
+
+def summarize(report: dict) -> dict:
+    by_cfg: dict = {}
+    for res in report["rounds"]:
+        if "error" in res:
+            continue
+        e = by_cfg.setdefault(res["config"], {"first": defaultdict(list),
+                                              "decode": defaultdict(list),
+                                              "prompt_tokens_mean": res["prompt_tokens_mean"]})
+        for phase in ("first", "decode"):
+            for k, v in res[phase].items():
+                e[phase][k].append(v)
+    return {c: {"prompt_tokens_mean": e["prompt_tokens_mean"], "n": len(e["decode"]["step"]),
+                **{ph: {k: _med(v) for k, v in e[ph].items()} for ph in ("first", "decode")}}
+            for c, e in by_cfg.items()}
+
+
+def markdown(report: dict, machine: str) -> str:
+    s = summarize(report)
+    a = report["args"]
+    cols = ["step"] + list(SCHED_FNS) + list(RUNNER_FNS)
+    head = ("| config | phase | prompt tok | " + " | ".join(cols) + " |\n|---|---|---:|" +
+            "---:|" * len(cols))
+    lines = [f"Machine: {machine}. `python benchmarks/step_profile.py --requests "
+             f"{a['requests']} --max-tokens {a['max_tokens']} --rounds {a['rounds']} "
+             f"--budget {a['budget']} --configs {','.join(a['configs'])}`"
+             f"{' (HIERAVID_KV_GROUPS=' + a['kv_groups'] + ')' if a['kv_groups'] else ''}: "
+             f"{a['requests']} video requests prefilled in one step, then decoded; ms per "
+             "engine step (first: the prefill step; decode: median decode step), median of "
+             "the rounds; configurations alternate within each round.", "", head]
+    for c, e in s.items():
+        for ph in ("first", "decode"):
+            vals = " | ".join(f"{e[ph].get(k, float('nan')):.2f}" for k in cols)
+            lines.append(f"| {c} | {ph} | {e['prompt_tokens_mean']:.0f} | {vals} |")
+    if "full" in s and "input_only" in s:
+        lines += ["", "full / input_only, same phase (host-side functions as differences in "
+                  "ms, the step and the forward as ratios):", "",
+                  "| phase | step | forward | schedule + update (ms) | prepare inputs + "
+                  "attention metadata (ms) |", "|---|---:|---:|---:|---:|"]
+        f, i = s["full"], s["input_only"]
+        for ph in ("first", "decode"):
+            sch = sum(f[ph].get(k, 0) - i[ph].get(k, 0) for k in SCHED_FNS)
+            prep = sum(f[ph].get(k, 0) - i[ph].get(k, 0)
+                       for k in ("_prepare_inputs", "_build_attention_metadata"))
+            lines.append(f"| {ph} | {f[ph]['step'] / i[ph]['step']:.3f} | "
+                         f"{f[ph]['_model_forward'] / i[ph]['_model_forward']:.3f} | "
+                         f"{sch:+.2f} | {prep:+.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="input_only,full",
+                    help=f"comma separated, of {sorted(CONFIGS)}")
+    ap.add_argument("--budget", type=float, default=0.3)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--frames", default="16,32,48,64")
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--kv-groups", default=None, choices=["0", "1"],
+                    help="HIERAVID_KV_GROUPS for every engine (default: the environment's)")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--results-md", default=None)
+    args = ap.parse_args(argv)
+    args.configs = [c for c in args.configs.split(",") if c]
+    bad = [c for c in args.configs if c not in CONFIGS]
+    if bad:
+        raise SystemExit(f"--configs: unknown {bad}; known: {sorted(CONFIGS)}")
+    if not 0 < args.budget < 1:
+        raise SystemExit(f"--budget: a value in (0, 1) expected, got {args.budget}")
+    report = run(args)
+    from serve import machine_description
+
+    md = markdown(report, machine_description())
+    print(md)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.results_md:
+        write_section(Path(args.results_md), MARK_BEGIN, MARK_END,
+                      "Engine step profile (`benchmarks/step_profile.py`)", md)
+    return 0 if all("error" not in r for r in report["rounds"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""benchmarks/step_profile.py: a real in-process vLLM engine per configuration, tiny model.
+
+Checks what the benchmark's table rests on: every configuration ran, the measured run has one
+engine step per output token (the prefill of every request in the first, then one decode
+step per token), every timed vLLM function was called once per step and its time lies inside
+the step's (the scheduler and runner parts sum to at most the step, and the model forward is
+most of a decode step), and full mode's prompts are longer than input-only's (its input stage
+keeps more tokens: the budget is the layer average, counted independently here from the
+schedule).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.vllm]
+
+MAX_TOKENS = 5
+
+
+def _load():
+    # imported by name from benchmarks/ (on sys.path, which spawned children inherit): the
+    # benchmark runs each engine in a spawned process that unpickles ``_run`` by module name
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import step_profile
+
+    return step_profile
+
+
+@pytest.fixture(scope="module")
+def report():
+    sp = _load()
+    args = sp.argparse.Namespace(configs=["input_only", "full"], budget=0.3, requests=2,
+                                 max_tokens=MAX_TOKENS, frames="8", preset="tiny", rounds=1,
+                                 kv_groups=None, timeout=900)
+    return sp, sp.run(args)
+
+
+def test_every_config_ran_one_step_per_token(report):
+    _sp, rep = report
+    assert [r["config"] for r in rep["rounds"]] == ["input_only", "full"]
+    for r in rep["rounds"]:
+        assert "error" not in r, r
+        assert r["steps"] == MAX_TOKENS, r
+
+
+def test_timed_parts_lie_inside_the_step(report):
+    sp, rep = report
+    for r in rep["rounds"]:
+        for phase in ("first", "decode"):
+            t = r[phase]
+            missing = [n for n in sp.SCHED_FNS + sp.RUNNER_FNS if n not in t]
+            assert not missing, (phase, missing)
+            parts = sum(t[n] for n in sp.SCHED_FNS + sp.RUNNER_FNS)
+            assert 0 < parts <= t["step"] * 1.001, (phase, parts, t["step"])
+            assert t["_model_forward"] > 0.3 * t["step"], (phase, t)
+
+
+def test_full_mode_prompts_are_the_input_stage_counts(report):
+    from hieravid_vllm.core.config import HieraVidConfig
+    from hieravid_vllm.core.schedule import build_schedule
+
+    _sp, rep = report
+    by = {r["config"]: r["prompt_tokens_mean"] for r in rep["rounds"]}
+    assert by["full"] > by["input_only"]
+    # the same clip in both: the difference is the input stage's kept visual tokens
+    # (full: counts[0] of the layer-level schedule; input_only: round(b * N))
+    t, hw = 8 // 2, (224 // 28) ** 2  # 8 frames, temporal patch 2; 224 px / 28 px patches
+    n, layers = t * hw, 4  # the tiny preset's LLM has 4 layers
+    full0 = build_schedule(HieraVidConfig(budget=0.3), n, layers, (t - 1) * hw).counts[0]
+    only0 = build_schedule(HieraVidConfig(budget=0.3, mode="input_only"), n, layers,
+                           (t - 1) * hw).counts[0]
+    assert by["full"] - by["input_only"] == full0 - only0
+
+
+def test_markdown_reports_both_phases(report):
+    sp, rep = report
+    md = sp.markdown(rep, "test machine")
+    for cfg in ("input_only", "full"):
+        assert f"| {cfg} | first |" in md and f"| {cfg} | decode |" in md
+    assert "| decode |" in md.split("full / input_only")[1]
+
+
+def test_run_isolated_reports_a_child_that_died_without_a_result():
+    """A child that cannot even unpickle its function (here: it lives in a module only the
+    parent has) is an error at once, not a wait for the whole timeout."""
+    import time
+    import types
+
+    from _common import run_isolated  # benchmarks/ (on sys.path through _load)
+
+    _load()
+    mod = types.ModuleType("hv_parent_only_module")
+
+    def fn():
+        return {"ok": True}
+
+    fn.__module__ = mod.__name__
+    fn.__qualname__ = "fn"
+    mod.fn = fn
+    sys.modules[mod.__name__] = mod
+    try:
+        t0 = time.monotonic()
+        res = run_isolated(fn, timeout=300)
+        took = time.monotonic() - t0
+    finally:
+        del sys.modules[mod.__name__]
+    assert "error" in res and "exited with code" in res["error"], res
+    assert took < 60, took

@@ -13,7 +13,7 @@ prefill of every video, in full mode with the in-LLM selections) and the median 
 per function, median over rounds; and the ratios full / input_only.
 
     python benchmarks/step_profile.py [--requests 16] [--max-tokens 256] [--rounds 3]
-        [--budget 0.3] [--configs input_only,full] [--results-md benchmarks/RESULTS.md]
+        [--budget 0.3] [--configs input_only,full] [--layers] [--results-md benchmarks/RESULTS.md]
 
 Everything runs on the machine's CPU with the tiny ``bench`` Qwen2.5-VL (no GPU numbers).
 """
@@ -43,7 +43,7 @@ CONFIGS = {"unpruned": None,
 
 
 def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset: str,
-         video_dir: str, kv_groups: str | None) -> dict:
+         video_dir: str, kv_groups: str | None, layers: bool = False) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if kv_groups is not None:
         os.environ["HIERAVID_KV_GROUPS"] = kv_groups
@@ -78,6 +78,37 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
     for n in RUNNER_FNS:
         timed(runner_mod.GPUModelRunner, n)
     steps = fn_times["step"]
+    per_call: dict = defaultdict(list)  # --layers: (rows, ms) of every call, in order
+    if layers:
+        from vllm.model_executor.models import qwen2
+
+        from hieravid_vllm import stages
+
+        def timed_module(cls, key):
+            orig = cls.forward
+
+            def forward(self, *a, **k):
+                x = k["hidden_states"] if "hidden_states" in k else a[1 if key != "mlp" else 0]
+                t = time.perf_counter()
+                try:
+                    return orig(self, *a, **k)
+                finally:
+                    per_call[key].append((int(x.shape[0]), time.perf_counter() - t))
+            cls.forward = forward
+
+        timed_module(qwen2.Qwen2DecoderLayer, "layer")
+        timed_module(qwen2.Qwen2Attention, "attention")
+        timed_module(qwen2.Qwen2MLP, "mlp")
+        orig_sel = stages._select_rows
+
+        def select_rows(*a, **k):
+            t = time.perf_counter()
+            try:
+                return orig_sel(*a, **k)
+            finally:
+                per_call["selection"].append((0, time.perf_counter() - t))
+        stages._select_rows = select_rows
+
 
     model = str(build_tiny_model("qwen2_5_vl", preset=preset))
     vids = write_videos(Path(video_dir), n_req + 1, frames, [1, 2, 3, 4], 224, 224, 8.0)
@@ -104,7 +135,7 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
         # encoder cache is keyed by the video, the processor cache by the request)
         llm.chat(convs, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
                  use_tqdm=False)
-        for v in fn_times.values():
+        for v in list(fn_times.values()) + list(per_call.values()):
             v.clear()
         gc.collect()
         t0 = time.perf_counter()
@@ -121,6 +152,10 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
         if name != "step" and len(ts) == len(steps):  # one call per step
             res["first"][name] = ts[0] * 1e3
             res["decode"][name] = _med(ts[1:-2]) * 1e3
+    if layers:  # the first step's calls: one per decoder layer (the selections: per boundary)
+        nl = len(per_call["layer"]) // len(steps)
+        res["layers"] = {k: [(rows, t * 1e3) for rows, t in v[:nl if k != "selection" else None]]
+                         for k, v in per_call.items()}
     return res
 
 
@@ -135,7 +170,8 @@ def run(args) -> dict:
     for r in range(args.rounds):
         for cfg in args.configs:
             res = run_isolated(_run, cfg, args.budget, args.requests, args.max_tokens, frames,
-                               args.preset, video_dir, args.kv_groups, timeout=args.timeout)
+                               args.preset, video_dir, args.kv_groups, args.layers,
+                               timeout=args.timeout)
             res.setdefault("config", cfg)
             res["round"] = r
             rounds.append(res)
@@ -189,7 +225,45 @@ def markdown(report: dict, machine: str) -> str:
             lines.append(f"| {ph} | {f[ph]['step'] / i[ph]['step']:.3f} | "
                          f"{f[ph]['_model_forward'] / i[ph]['_model_forward']:.3f} | "
                          f"{sch:+.2f} | {prep:+.2f} |")
+    lines += layer_table(report)
     return "\n".join(lines)
+
+
+def layer_table(report: dict) -> list:
+    """--layers: the prefill step per decoder layer (mean over rounds), rows and ms of the
+    attention, the MLP and the whole layer, per configuration side by side; the in-LLM
+    selections (full mode) on their own line."""
+    per: dict = {}
+    for res in report["rounds"]:
+        if "layers" in res:
+            per.setdefault(res["config"], []).append(res["layers"])
+    if not per:
+        return []
+    cfgs = list(per)
+    head = "| layer | " + " | ".join(f"{c} rows | attention | MLP | layer" for c in cfgs) + " |"
+    out = ["", "Prefill step per decoder layer (ms, mean over the rounds):", "", head,
+           "|---|" + "---:|---:|---:|---:|" * len(cfgs)]
+    n_layers = min(len(r[0]["layer"]) for r in per.values())
+    total = {c: [0.0, 0.0, 0.0] for c in cfgs}
+    for i in range(n_layers):
+        cells = []
+        for c in cfgs:
+            runs = per[c]
+            vals = [statistics.mean(r[k][i][1] for r in runs)
+                    for k in ("attention", "mlp", "layer")]
+            for j, v in enumerate(vals):
+                total[c][j] += v
+            cells.append(f"{runs[0]['layer'][i][0]} | " + " | ".join(f"{v:.0f}" for v in vals))
+        out.append(f"| {i} | " + " | ".join(cells) + " |")
+    out.append("| all |" + "".join(" | " + " | ".join(f"{v:.0f}" for v in total[c]) + " |"
+                                   for c in cfgs))
+    for c in cfgs:
+        sel = [r.get("selection", []) for r in per[c]]
+        if any(sel):
+            means = [statistics.mean(s[b][1] for s in sel) for b in range(min(map(len, sel)))]
+            out.append(f"\n{c}: in-LLM selections per boundary (ms): "
+                       + ", ".join(f"{m:.0f}" for m in means) + f"; sum {sum(means):.0f}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -205,6 +279,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kv-groups", default=None, choices=["0", "1"],
                     help="HIERAVID_KV_GROUPS for every engine (default: the environment's)")
+    ap.add_argument("--layers", action="store_true",
+                    help="also time every decoder layer (attention, MLP) and every in-LLM "
+                         "selection of the prefill step")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", default=None)
     ap.add_argument("--results-md", default=None)

@@ -4,9 +4,9 @@ Checks what the benchmark's table rests on: every configuration ran, the measure
 engine step per output token (the prefill of every request in the first, then one decode
 step per token), every timed vLLM function was called once per step and its time lies inside
 the step's (the scheduler and runner parts sum to at most the step, and the model forward is
-most of a decode step), and full mode's prompts are longer than input-only's (its input stage
+most of a decode step), full mode's prompts are longer than input-only's (its input stage
 keeps more tokens: the budget is the layer average, counted independently here from the
-schedule).
+schedule), and the per-layer timing (``--layers``) sees the stages' rows.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def report():
     sp = _load()
     args = sp.argparse.Namespace(configs=["input_only", "full"], budget=0.3, requests=2,
                                  max_tokens=MAX_TOKENS, frames="8", preset="tiny", rounds=1,
-                                 kv_groups=None, timeout=900)
+                                 kv_groups=None, layers=True, timeout=900)
     return sp, sp.run(args)
 
 
@@ -76,12 +76,32 @@ def test_full_mode_prompts_are_the_input_stage_counts(report):
     assert by["full"] - by["input_only"] == full0 - only0
 
 
+def test_layers_see_the_stage_rows(report):
+    """--layers: one entry per decoder layer of the prefill step; input_only runs every layer
+    on the whole step (both prompts), full mode starts there too and drops rows at each stage
+    start, with one selection per boundary; attention + MLP fit inside their layer."""
+    _sp, rep = report
+    for r in rep["rounds"]:
+        lay = r["layers"]
+        rows = [n for n, _t in lay["layer"]]
+        assert len(rows) == 4, rows  # the tiny preset's LLM
+        assert rows[0] == round(2 * r["prompt_tokens_mean"]), (rows, r["prompt_tokens_mean"])
+        for (n, t), (na, ta), (nm, tm) in zip(lay["layer"], lay["attention"], lay["mlp"]):
+            assert n == na == nm and 0 < ta + tm <= t * 1.001, (n, t, ta, tm)
+        if r["config"] == "input_only":
+            assert len(set(rows)) == 1 and "selection" not in lay
+        else:
+            assert all(a > b for a, b in zip(rows, rows[1:])), rows  # stages at 0, 1, 2, 3
+            assert len(lay["selection"]) == 3
+
+
 def test_markdown_reports_both_phases(report):
     sp, rep = report
     md = sp.markdown(rep, "test machine")
     for cfg in ("input_only", "full"):
         assert f"| {cfg} | first |" in md and f"| {cfg} | decode |" in md
     assert "| decode |" in md.split("full / input_only")[1]
+    assert "| all |" in md and "in-LLM selections per boundary" in md
 
 
 def test_run_isolated_reports_a_child_that_died_without_a_result():

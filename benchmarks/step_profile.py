@@ -60,23 +60,12 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
     from serve import write_videos
 
     fn_times: dict = defaultdict(list)
-
-    def timed(cls, name):
-        orig = getattr(cls, name)
-
-        def wrapper(self, *a, **k):
-            t = time.perf_counter()
-            try:
-                return orig(self, *a, **k)
-            finally:
-                fn_times[name].append(time.perf_counter() - t)
-        setattr(cls, name, wrapper)
-
-    timed(EngineCore, "step")  # before the engine exists: it binds step at start-up
-    for n in SCHED_FNS:
-        timed(sched_mod.Scheduler, n)
-    for n in RUNNER_FNS:
-        timed(runner_mod.GPUModelRunner, n)
+    _time_calls(EngineCore, "step",  # before the engine exists: it binds step at start-up
+                lambda a, k, sec: fn_times["step"].append(sec))
+    for owner, names in ((sched_mod.Scheduler, SCHED_FNS),
+                         (runner_mod.GPUModelRunner, RUNNER_FNS)):
+        for n in names:
+            _time_calls(owner, n, lambda a, k, sec, n=n: fn_times[n].append(sec))
     steps = fn_times["step"]
     per_call: dict = defaultdict(list)  # --layers: (rows, ms) of every call, in order
     if layers:
@@ -84,30 +73,13 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
 
         from hieravid_vllm import stages
 
-        def timed_module(cls, key):
-            orig = cls.forward
-
-            def forward(self, *a, **k):
-                x = k["hidden_states"] if "hidden_states" in k else a[1 if key != "mlp" else 0]
-                t = time.perf_counter()
-                try:
-                    return orig(self, *a, **k)
-                finally:
-                    per_call[key].append((int(x.shape[0]), time.perf_counter() - t))
-            cls.forward = forward
-
-        timed_module(qwen2.Qwen2DecoderLayer, "layer")
-        timed_module(qwen2.Qwen2Attention, "attention")
-        timed_module(qwen2.Qwen2MLP, "mlp")
-        orig_sel = stages._select_rows
-
-        def select_rows(*a, **k):
-            t = time.perf_counter()
-            try:
-                return orig_sel(*a, **k)
-            finally:
-                per_call["selection"].append((0, time.perf_counter() - t))
-        stages._select_rows = select_rows
+        # (class, key, position of the hidden states in the call's arguments, self included)
+        for cls, key, i in ((qwen2.Qwen2DecoderLayer, "layer", 2),
+                            (qwen2.Qwen2Attention, "attention", 2), (qwen2.Qwen2MLP, "mlp", 1)):
+            _time_calls(cls, "forward", lambda a, k, sec, key=key, i=i: per_call[key].append(
+                (int(k.get("hidden_states", a[i] if len(a) > i else None).shape[0]), sec)))
+        _time_calls(stages, "_select_rows",
+                    lambda a, k, sec: per_call["selection"].append((0, sec)))
 
 
     model = str(build_tiny_model("qwen2_5_vl", preset=preset))
@@ -157,6 +129,20 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
         res["layers"] = {k: [(rows, t * 1e3) for rows, t in v[:nl if k != "selection" else None]]
                          for k, v in per_call.items()}
     return res
+
+
+def _time_calls(owner, name, record) -> None:
+    """Replace ``owner.name`` (a method of a class, or a module's function) by a wrapper that
+    calls ``record(args, kwargs, seconds)`` after every call (for this process's run)."""
+    orig = getattr(owner, name)
+
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return orig(*a, **k)
+        finally:
+            record(a, k, time.perf_counter() - t)
+    setattr(owner, name, wrapper)
 
 
 def _med(xs):

@@ -92,10 +92,9 @@ class VideoSummary:
 
     @classmethod
     def of(cls, videos: Sequence[VideoSpan], num_stages: int) -> "VideoSummary":
-        dropped = np.zeros(num_stages, dtype=np.int64)
-        for v in videos:
-            dropped += v.counts[0] - np.asarray(v.counts[:num_stages], dtype=np.int64)
-        return cls(min(v.offset for v in videos), max(v.end for v in videos), dropped)
+        st = StageSpans([(v.offset, v.counts[:num_stages]) for v in videos])
+        return cls(min(v.offset for v in videos), max(v.end for v in videos),
+                   np.asarray(st.dropped, dtype=np.int64))
 
 
 @dataclass

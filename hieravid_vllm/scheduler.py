@@ -85,14 +85,17 @@ class HieraVidScheduler(Scheduler):
     kv_cache_groups`) the group of stage ``g`` allocates only the slots its kept tokens need
     (:func:`hieravid_vllm.stages.compacted_tokens`, :class:`hieravid_vllm.stages.StageSpans`;
     the managers are wrapped per instance by
-    :mod:`hieravid_vllm.patches.engine_core.stage_kv_manager`), so a request's KV memory is
+    :mod:`hieravid_vllm.patches.engine_core.stage_kv_manager`, and the coordinator by
+    :mod:`hieravid_vllm.patches.engine_core.stage_kv_coordinator` so that a request holding
+    every block a step needs skips the per-group calls), so a request's KV memory is
     about the sum over stages of its kept tokens, and admission counts that smaller
     footprint. Creating it switches on the per-request block keys
     (:mod:`hieravid_vllm.patches.engine_core.block_hasher`) in this process.
     """
 
     def __init__(self, *args, **kwargs):
-        from hieravid_vllm.patches.engine_core import block_hasher, stage_kv_manager
+        from hieravid_vllm.patches.engine_core import (block_hasher, stage_kv_coordinator,
+                                                       stage_kv_manager)
 
         block_hasher.enable()  # before any request is hashed
         super().__init__(*args, **kwargs)
@@ -101,11 +104,14 @@ class HieraVidScheduler(Scheduler):
         groups = self.kv_cache_config.kv_cache_groups
         self.hieravid_stage_groups = len(groups) > 1
         if self.hieravid_stage_groups:
-            managers = self.kv_cache_manager.coordinator.single_type_managers
-            for g, m in enumerate(managers):
+            coordinator = self.kv_cache_manager.coordinator
+            for g, m in enumerate(coordinator.single_type_managers):
                 if g:
                     stage_kv_manager.wrap_stage_manager(m, g, self._hv_spans_of)
-            logger.info("HieraVid: %d KV cache groups (one per stage)", len(groups))
+            # decode steps: one check per request instead of every group's manager
+            fast = stage_kv_coordinator.wrap_stage_coordinator(coordinator, self._hv_spans_of)
+            logger.info("HieraVid: %d KV cache groups (one per stage)%s", len(groups),
+                        "" if fast else "; no coordinator fast path (not all full attention)")
 
     def _hv_spans_of(self, request_id: str) -> StageSpans:
         return self._hv_spans.get(request_id, NO_SPANS)

@@ -60,6 +60,10 @@ Engine core (``engine_core/``):
   instance, by :class:`hieravid_vllm.scheduler.HieraVidScheduler` (the registry only checks
   that they exist; 0.33's ``cache_blocks`` clamps to the hashed tokens, which the stage
   counts never exceed);
+* ``stage_kv_coordinator``: ``vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator``
+  ``.get_num_blocks_to_allocate`` / ``.allocate_new_blocks`` -- per instance, by the HieraVid
+  scheduler: a request that holds every block a step needs (decode steps, mostly) skips the
+  per-group calls (checked only);
 * ``scheduler``: ``vllm.v1.core.sched.scheduler.Scheduler.add_request`` / ``._free_request`` /
   ``._reserve_prefill_lookahead`` / ``._get_local_prefix_cache_hit`` -- overridden by the
   HieraVid scheduler subclass (checked only; 0.33 added an argument to the last one, which
@@ -108,7 +112,7 @@ from hieravid_vllm.patches.api_server import (cli_args, engine_config, input_pro
                                               local_files, media_fetch, mm_client_confirm,
                                               mm_sender_cache, video_frames, video_io)
 from hieravid_vllm.patches.engine_core import (block_hasher, kv_cache_groups, scheduler,
-                                               stage_kv_manager)
+                                               stage_kv_coordinator, stage_kv_manager)
 from hieravid_vllm.patches.worker import (load_model, profile_run, stage_hooks, stage_state,
                                           v2_refusal)
 
@@ -174,6 +178,8 @@ PATCHES: Tuple[Patch, ...] = (
     _entry(block_hasher, "engine_core"),
     Patch("stage_kv_manager", "engine_core", stage_kv_manager.MODULE,
           stage_kv_manager.TARGETS, None),
+    Patch("stage_kv_coordinator", "engine_core", stage_kv_coordinator.MODULE,
+          stage_kv_coordinator.TARGETS, None),
     Patch("scheduler", "engine_core", scheduler.MODULE, scheduler.TARGETS, None),
     _entry(load_model, "worker", lazy=True),
     Patch("load_model_cpu", "worker", load_model.CPU_MODULE, load_model.CPU_TARGETS,

@@ -262,6 +262,11 @@ def stages_unsupported_reason(engine_args) -> Optional[str]:
                 "layout, which the stages select by, does not travel with its encoder output)")
     if getattr(engine_args, "disable_hybrid_kv_cache_manager", None):
         return "--disable-hybrid-kv-cache-manager (the stages need one KV cache group each)"
+    if getattr(engine_args, "enable_dbo", False):
+        return ("dual-batch overlap (--enable-dbo: its micro-batches split the step's rows, "
+                "which the per-stage metadata does not follow)")
+    if int(getattr(engine_args, "ubatch_size", 0) or 0) > 1:
+        return "micro-batching (--ubatch-size > 1: same as --enable-dbo)"
     if getattr(engine_args, "async_scheduling", None):
         return "--async-scheduling (the HieraVid scheduler plans each step synchronously)"
     return _cudagraph_reason(engine_args)

@@ -12,7 +12,8 @@ a GPU node does (``vllm.config.vllm.HAS_TRITON``) and nothing else.
   (watermarking) stops start-up naming it;
 * settings the in-LLM stages cannot follow (LoRA, context parallelism, KV connectors,
   encoder-cache connectors,
-  ``--disable-hybrid-kv-cache-manager``, ``--async-scheduling``, CUDA graphs that capture
+  ``--disable-hybrid-kv-cache-manager``, ``--async-scheduling``, dual-batch overlap /
+  micro-batching (``--enable-dbo``, ``--ubatch-size``), CUDA graphs that capture
   attention metadata, attention+quant fusion, inductor graph partitioning, custom splitting
   ops, batch-invariant mode): full mode falls back to ``input_only`` with a warning naming
   the setting; the resolved config carries ``input_only`` to every process;
@@ -100,6 +101,8 @@ FALLBACKS = [
      "--ec-transfer-config"),
     (dict(disable_hybrid_kv_cache_manager=True), "--disable-hybrid-kv-cache-manager"),
     (dict(async_scheduling=True), "--async-scheduling"),
+    (dict(enable_dbo=True), "--enable-dbo"),
+    (dict(ubatch_size=2), "--ubatch-size"),
     (dict(compilation_config={"cudagraph_mode": "FULL"}), "cudagraph_mode=FULL"),
     (dict(compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"}),
      "cudagraph_mode=FULL_AND_PIECEWISE"),

@@ -168,11 +168,12 @@ def plan_requests(reqs: List[_ReqPlan], num_stages: int):
     every request either selects in this step (whole video + last prompt token scheduled) or
     has no video token in it.
 
-    Vectorised over the batch: requests without a video count their tokens as they are; a
-    request whose step lies wholly before its first video or after its last one (decode
-    steps, text chunks) shifts its prefix by the tokens dropped before each stage
-    (:class:`VideoSummary`, cached per request). Only a step that touches a video -- the
-    selecting step -- visits the request's videos one by one."""
+    Requests without a video count their tokens as they are; a request whose step lies
+    wholly before its first video or after its last one (decode steps, text chunks) shifts
+    its prefix by the tokens dropped before each stage (:class:`VideoSummary`, cached per
+    request). Only a step that touches a video -- the selecting step -- visits the request's
+    videos one by one. (:func:`build_step_plan` calls this only for a step that touches a
+    video; other steps it plans over the batch's arrays, :class:`BatchVideos`.)"""
     n = len(reqs)
     start = np.fromiter((r.start for r in reqs), dtype=np.int64, count=n)
     num = np.fromiter((r.num_tokens for r in reqs), dtype=np.int64, count=n)
@@ -247,34 +248,68 @@ def stage_layer_names(layer_names, boundaries: Sequence[int]) -> Dict[int, List[
     return by_stage
 
 
+@dataclass
+class BatchVideos:
+    """The videos of the requests of a batch, in the runner's row order, as arrays (cached by
+    :meth:`StageState.batch_videos` while the batch keeps its requests and order):
+    ``first`` / ``end``: first video offset / last video end per row (no video: never
+    reached / 0); ``dropped[g]``: visual tokens dropped before stage ``g`` over the row's
+    videos (:class:`VideoSummary`)."""
+
+    req_ids: tuple
+    videos: List[List[VideoSpan]]
+    summaries: List[Optional[VideoSummary]]
+    any_video: bool
+    first: np.ndarray      # (n,)
+    end: np.ndarray        # (n,)
+    dropped: np.ndarray    # (S, n)
+
+    @classmethod
+    def of(cls, req_ids: tuple, videos, summaries, num_stages: int) -> "BatchVideos":
+        n = len(req_ids)
+        first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+        end = np.zeros(n, dtype=np.int64)
+        dropped = np.zeros((num_stages, n), dtype=np.int64)
+        for i, sm in enumerate(summaries):
+            if sm is not None:
+                first[i], end[i], dropped[:, i] = sm.first, sm.end, sm.dropped
+        return cls(req_ids, videos, summaries, any(bool(v) for v in videos), first, end,
+                   dropped)
+
+
 def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
                     num_tokens: int) -> Optional[StepPlan]:
     """Runner hook: per-stage attention metadata and slot mappings for this step.
 
     Returns None (and changes nothing) when no request in the batch has a pruned video.
+    A step that touches no request's video (decode steps, text chunks) is planned over the
+    batch's arrays (:class:`BatchVideos`) without a per-request object; only a step that
+    prefills a video goes through :func:`plan_requests` request by request.
     """
     if not isinstance(attn_metadata, dict) or not attn_metadata:
         return None
     ib = runner.input_batch
-    req_ids = list(ib.req_ids[:num_reqs])
-    reqs: List[_ReqPlan] = []
-    any_video = False
-    st = model.hieravid_state
-    for i, rid in enumerate(req_ids):
-        videos = model.hieravid_request_videos(runner.requests[rid])
-        any_video |= bool(videos)
-        reqs.append(_ReqPlan(i, 0, 0, 0, videos, summary=st.summaries.get(rid)))
-    if not any_video:
-        return None
-    qsl = runner.query_start_loc.cpu[:num_reqs + 1].numpy().astype(np.int64)
-    starts = ib.num_computed_tokens_cpu[:num_reqs].tolist()
-    prompts = ib.num_prompt_tokens[:num_reqs].tolist()
-    lens = np.diff(qsl).tolist()
-    for r, s0, p0, n0 in zip(reqs, starts, prompts, lens):
-        r.start, r.num_prompt, r.num_tokens = int(s0), int(p0), int(n0)
     boundaries = list(model.hieravid_boundaries)
     S = len(boundaries)
-    q, nc = plan_requests(reqs, S)
+    bv = model.hieravid_state.batch_videos(tuple(ib.req_ids[:num_reqs]), runner.requests,
+                                           model.hieravid_request_videos, S)
+    if not bv.any_video:
+        return None
+    qsl = runner.query_start_loc.cpu[:num_reqs + 1].numpy().astype(np.int64)
+    starts = np.asarray(ib.num_computed_tokens_cpu[:num_reqs], dtype=np.int64)
+    prompts = np.asarray(ib.num_prompt_tokens[:num_reqs], dtype=np.int64)
+    lens = np.diff(qsl)
+    if ((starts < bv.end) & (starts + lens > bv.first)).any():
+        # a video in the step (its selecting prefill): request by request
+        reqs = [_ReqPlan(i, int(s0), int(n0), int(p0), v, summary=sm) for i, (s0, n0, p0, v, sm)
+                in enumerate(zip(starts, lens, prompts, bv.videos, bv.summaries))]
+        q, nc = plan_requests(reqs, S)
+    else:
+        # every video before the step or after it: a constant shift per stage for the rows
+        # past their videos (plan_requests' first two cases, over the batch)
+        reqs = []
+        q = np.broadcast_to(lens, (S, num_reqs))
+        nc = starts - bv.dropped * (starts >= bv.end)
     plan = StepPlan(boundaries, reqs, num_tokens, qsl, any(r.selecting for r in reqs),
                     [int(q[g].sum()) for g in range(S)])
 
@@ -292,7 +327,7 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
                           stage_layer_names(attn_metadata.keys(), boundaries).items()}
         model.hieravid_state.names_by_stage = names_by_stage
     stage_names = model.hieravid_state.stage_names
-    is_prefilling = torch.from_numpy(nc[0] < np.asarray([r.num_prompt for r in reqs]))
+    is_prefilling = torch.from_numpy(nc[0] < prompts)
     from vllm.v1.attention.backend import CommonAttentionMetadata  # worker only
 
     for g in range(1, S):
@@ -519,6 +554,7 @@ class StageState:
         self._plan: Optional[StepPlan] = None
         self.names_by_stage: Optional[Dict[int, set]] = None
         self.stage_names: Dict[tuple, List[str]] = {}  # (stage, attn group) -> its layers
+        self._batch: Optional[BatchVideos] = None  # of the last step's batch
 
     # encoder outputs
     def add_output(self, row: torch.Tensor, layout: tuple) -> None:
@@ -540,6 +576,21 @@ class StageState:
     def free_request(self, req_id: str) -> None:
         self.videos.pop(req_id, None)
         self.summaries.pop(req_id, None)
+        self._batch = None
+
+    def batch_videos(self, req_ids: tuple, requests, videos_of, num_stages: int) -> BatchVideos:
+        """The :class:`BatchVideos` of a batch (rows in ``req_ids`` order): the last one
+        again while the batch has the same requests in the same order (most decode steps),
+        else built from the per-request ``videos_of(requests[rid])`` and their summaries."""
+        bv = self._batch
+        if bv is not None and bv.req_ids == req_ids and bv.dropped.shape[0] == num_stages:
+            return bv
+        videos = [videos_of(requests[rid]) for rid in req_ids]
+        summaries = [self.summaries.get(rid) if v else None for rid, v in zip(req_ids, videos)]
+        summaries = [VideoSummary.of(v, num_stages) if v and sm is None else sm
+                     for v, sm in zip(videos, summaries)]
+        self._batch = bv = BatchVideos.of(req_ids, videos, summaries, num_stages)
+        return bv
 
     # the step plan
     def set_plan(self, plan: Optional[StepPlan]) -> None:

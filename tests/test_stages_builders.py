@@ -78,6 +78,8 @@ def _alive(rng, req):
     n = req["start"] + req["num"]
     alive = np.ones((S, n), dtype=bool)
     for v in req["videos"]:
+        if v.offset >= n:  # not reached by the end of the step: nothing dropped yet
+            continue
         kept = list(range(v.offset, v.visual_end))
         for g in range(1, S):
             kept = sorted(rng.sample(kept, v.counts[g]))
@@ -208,7 +210,8 @@ def _check_cm(cm, want, reqs):
     assert cm.num_reqs == len(reqs)
     assert cm.is_prefilling.tolist() == [r["start"] < r["prompt"] for r in reqs]
     # decodes stay first with query length 1 (FlashInfer / reordering backends split on it)
-    assert split_decodes_and_prefills(cm, decode_threshold=1)[:2] == (2, 3)
+    nd = next((i for i, r in enumerate(reqs) if r["num"] != 1), len(reqs))
+    assert split_decodes_and_prefills(cm, decode_threshold=1)[:2] == (nd, len(reqs) - nd)
     assert cm.query_start_loc_cpu.tolist() == want["qsl"].tolist()
     assert cm.query_start_loc.tolist() == want["qsl"].tolist()
     assert cm.seq_lens.tolist() == want["seq"].tolist()
@@ -229,9 +232,9 @@ def _check_flash_attn(md, want, table, kernel_table):
 
 
 def _run(vllm_config, backend_cls, groups, kernel_block_size=None, block_size=16, pad=5,
-         seed=0):
+         seed=0, reqs=None, selecting=(False, False, True, True, False), runs=1):
     rng = random.Random(seed)
-    reqs = _batch(rng)
+    reqs = _batch(rng) if reqs is None else reqs
     alives = [_alive(rng, r) for r in reqs]
     attn_groups = _attn_groups(vllm_config, backend_cls, groups, block_size, kernel_block_size)
     cap = _Capture(attn_groups)
@@ -239,11 +242,17 @@ def _run(vllm_config, backend_cls, groups, kernel_block_size=None, block_size=16
     model = _Model({f"r{i}": r["videos"] for i, r in enumerate(reqs)})
     names = [NAME.format(i) for i in range(LAYERS)]
     stage0 = object()
-    attn_metadata = {n: stage0 for n in names}
-    slot_by_layer = {n: torch.zeros(padded, dtype=torch.int64) for n in names}
-    plan = build_step_plan(runner, model, attn_metadata, slot_by_layer, len(reqs), padded - pad)
-    assert plan is not None and plan.selecting
-    assert [bool(r.selecting) for r in plan.reqs] == [False, False, True, True, False]
+    for _ in range(runs):  # runs > 1: the same batch again (its arrays are reused)
+        cap.calls.clear()
+        attn_metadata = {n: stage0 for n in names}
+        slot_by_layer = {n: torch.zeros(padded, dtype=torch.int64) for n in names}
+        plan = build_step_plan(runner, model, attn_metadata, slot_by_layer, len(reqs),
+                               padded - pad)
+    assert plan is not None and plan.selecting == any(selecting)
+    if any(selecting):
+        assert [bool(r.selecting) for r in plan.reqs] == list(selecting)
+    else:  # no video in the step: planned over the batch's arrays, no per-request plan
+        assert plan.reqs == []
     assert attn_metadata[names[0]] is stage0  # stage 0 keeps the runner's own metadata
     assert len(cap.calls) == S - 1
     out = []
@@ -259,6 +268,70 @@ def _run(vllm_config, backend_cls, groups, kernel_block_size=None, block_size=16
         assert md is not stage0 and slot_by_layer[names[g]] is cm.slot_mapping
         out.append((md, want, table, ag))
     return out
+
+
+def _decode_batch():
+    """A step that touches no video: decodes of pruned-video requests (one video, two videos,
+    LLaVA-OV-like with a newline token), a request whose prompt chunk ends before its video,
+    text decode and a text prefill chunk (plan over the batch's arrays)."""
+    v0 = _video(40, [90, 50, 30, 12], 1, "a")
+    v1a, v1b = _video(10, [64, 40, 20, 8], 0, "b"), _video(100, [30, 20, 12, 6], 0, "c")
+    v2 = _video(5, [70, 35, 20, 9], 0, "d")
+    v3 = _video(200, [40, 30, 20, 10], 0, "e")
+    return [
+        dict(videos=[v2], prompt=75, start=75, num=1),             # prompt ends with the video
+        dict(videos=[v1a, v1b], prompt=150, start=150 + 30, num=1),
+        dict(videos=[], prompt=20, start=25, num=1),
+        dict(videos=[v0], prompt=160, start=160, num=1),           # its first decode step
+        dict(videos=[v3], prompt=260, start=64, num=96),           # chunk ends before the video
+        dict(videos=[], prompt=300, start=64, num=96),
+    ]
+
+
+@pytest.mark.parametrize("groups", [S, 1], ids=["group-per-stage", "shared-group"])
+@pytest.mark.parametrize("runs", [1, 2])
+def test_step_without_a_video_is_planned_over_arrays(vllm_config, groups, runs):
+    """The array path (no request's video in the step) against the same token simulation,
+    also when the batch's arrays come from the previous step's cache (runs=2)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    out = _run(vllm_config, CPUAttentionBackend, groups, reqs=_decode_batch(),
+               selecting=(False,) * 6, runs=runs)
+    assert len(out) == S - 1
+
+
+def test_batch_arrays_follow_the_batch():
+    """StageState.batch_videos: reused for the same requests in the same order, rebuilt for
+    another order or after a request is freed; rows match the per-request summaries."""
+    from hieravid_vllm.stages import VideoSummary
+
+    reqs = _decode_batch()
+    videos = {f"r{i}": r["videos"] for i, r in enumerate(reqs)}
+    st = StageState()
+    requests = {rid: SimpleNamespace(req_id=rid) for rid in videos}
+
+    def videos_of(state):
+        return videos[state.req_id]
+
+    ids = tuple(videos)
+    a = st.batch_videos(ids, requests, videos_of, S)
+    assert st.batch_videos(ids, requests, videos_of, S) is a
+    b = st.batch_videos(ids[::-1], requests, videos_of, S)
+    assert b is not a and b.req_ids == ids[::-1]
+    for bv in (a, b):
+        for i, rid in enumerate(bv.req_ids):
+            v = videos[rid]
+            if not v:
+                assert bv.end[i] == 0 and (bv.dropped[:, i] == 0).all()
+                continue
+            sm = VideoSummary.of(v, S)
+            assert (bv.first[i], bv.end[i]) == (min(x.offset for x in v), max(x.end for x in v))
+            # dropped before stage g: the visual tokens of all videos minus those kept
+            assert bv.dropped[:, i].tolist() == [sum(x.counts[0] - x.counts[g] for x in v)
+                                                 for g in range(S)]
+            assert bv.dropped[:, i].tolist() == sm.dropped.tolist()
+    st.free_request(ids[0])
+    assert st.batch_videos(ids[::-1], requests, videos_of, S) is not b
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ prefill of every video, in full mode with the in-LLM selections) and the median 
 per function, median over rounds; and the ratios full / input_only.
 
     python benchmarks/step_profile.py [--requests 16] [--max-tokens 256] [--rounds 3]
-        [--budget 0.3] [--configs input_only,full] [--layers] [--results-md benchmarks/RESULTS.md]
+        [--budget 0.3] [--configs input_only,full] [--layers] [--prefix-caching] [--results-md benchmarks/RESULTS.md]
 
 Everything runs on the machine's CPU with the tiny ``bench`` Qwen2.5-VL (no GPU numbers).
 """
@@ -43,7 +43,8 @@ CONFIGS = {"unpruned": None,
 
 
 def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset: str,
-         video_dir: str, kv_groups: str | None, layers: bool = False) -> dict:
+         video_dir: str, kv_groups: str | None, layers: bool = False,
+         prefix_caching: bool = False) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if kv_groups is not None:
         os.environ["HIERAVID_KV_GROUPS"] = kv_groups
@@ -87,15 +88,18 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
     max_len = 16384
     kw = dict(dtype="float32", max_model_len=max_len,
               kv_cache_memory_bytes=kv_cache_bytes(model, 4 * max_len), enforce_eager=True,
-              enable_prefix_caching=False, max_num_batched_tokens=max_len,
+              enable_prefix_caching=prefix_caching, max_num_batched_tokens=max_len,
               limit_mm_per_prompt={"video": 1}, disable_log_stats=True,
               media_io_kwargs={"video": {"fps": 8.0}})
     if CONFIGS[config] is not None:
         kw["additional_config"] = {"hieravid": dict(CONFIGS[config], budget=budget)}
     llm = LLM(model, **kw)
     try:
-        def msgs(v):
-            return [{"role": "user", "content": [
+        def msgs(v, lead=None):
+            # ``lead``: a text part before the video, so that with prefix caching the
+            # measured prompts share no block with the warm-up's (the prefill is computed)
+            return [{"role": "user", "content": ([{"type": "text", "text": lead}] if lead
+                                                 else []) + [
                 {"type": "video_url", "video_url": {"url": video_data_url(v.path)}},
                 {"type": "text", "text": "Describe what happens in this video."}]}]
 
@@ -111,6 +115,8 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
             v.clear()
         gc.collect()
         t0 = time.perf_counter()
+        if prefix_caching:
+            convs = [msgs(v, "Measured run.") for v in vids[1:]]
         out = llm.chat(convs, SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                              ignore_eos=True), use_tqdm=False)
         wall = time.perf_counter() - t0
@@ -157,7 +163,7 @@ def run(args) -> dict:
         for cfg in args.configs:
             res = run_isolated(_run, cfg, args.budget, args.requests, args.max_tokens, frames,
                                args.preset, video_dir, args.kv_groups, args.layers,
-                               timeout=args.timeout)
+                               args.prefix_caching, timeout=args.timeout)
             res.setdefault("config", cfg)
             res["round"] = r
             rounds.append(res)
@@ -189,7 +195,8 @@ def markdown(report: dict, machine: str) -> str:
             "---:|" * len(cols))
     lines = [f"Machine: {machine}. `python benchmarks/step_profile.py --requests "
              f"{a['requests']} --max-tokens {a['max_tokens']} --rounds {a['rounds']} "
-             f"--budget {a['budget']} --configs {','.join(a['configs'])}`"
+             f"--budget {a['budget']} --configs {','.join(a['configs'])}"
+             f"{' --prefix-caching' if a.get('prefix_caching') else ''}`"
              f"{' (HIERAVID_KV_GROUPS=' + a['kv_groups'] + ')' if a['kv_groups'] else ''}: "
              f"{a['requests']} video requests prefilled in one step, then decoded; ms per "
              "engine step (first: the prefill step; decode: median decode step), median of "
@@ -268,6 +275,10 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", action="store_true",
                     help="also time every decoder layer (attention, MLP) and every in-LLM "
                          "selection of the prefill step")
+    ap.add_argument("--prefix-caching", action="store_true",
+                    help="engines with vLLM's prefix caching on (the server default); the "
+                         "measured prompts start with a text part the warm-up's lack, so "
+                         "every video is still prefilled in the first step")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", default=None)
     ap.add_argument("--results-md", default=None)

@@ -6,7 +6,9 @@ step per token), every timed vLLM function was called once per step and its time
 the step's (the scheduler and runner parts sum to at most the step, and the model forward is
 most of a decode step), full mode's prompts are longer than input-only's (its input stage
 keeps more tokens: the budget is the layer average, counted independently here from the
-schedule), and the per-layer timing (``--layers``) sees the stages' rows.
+schedule), and the per-layer timing (``--layers``) sees the stages' rows. The engines run with
+prefix caching on (``--prefix-caching``, the server default): the first measured step still
+computes every prompt token of both requests (the warm-up shares no block with them).
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ def report():
     sp = _load()
     args = sp.argparse.Namespace(configs=["input_only", "full"], budget=0.3, requests=2,
                                  max_tokens=MAX_TOKENS, frames="8", preset="tiny", rounds=1,
-                                 kv_groups=None, layers=True, timeout=900)
+                                 kv_groups=None, layers=True, prefix_caching=True,
+                                 timeout=900)
     return sp, sp.run(args)
 
 

@@ -87,7 +87,7 @@ class HieraVidScheduler(Scheduler):
     the managers are wrapped per instance by
     :mod:`hieravid_vllm.patches.engine_core.stage_kv_manager`, and the coordinator by
     :mod:`hieravid_vllm.patches.engine_core.stage_kv_coordinator` so that a request holding
-    every block a step needs skips the per-group calls), so a request's KV memory is
+    every block a step needs, with nothing new to cache, skips the per-group calls), so a request's KV memory is
     about the sum over stages of its kept tokens, and admission counts that smaller
     footprint. Creating it switches on the per-request block keys
     (:mod:`hieravid_vllm.patches.engine_core.block_hasher`) in this process.

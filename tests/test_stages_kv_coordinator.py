@@ -7,7 +7,9 @@ coordinator fast path. The same random request lifecycles (first allocation, chu
 prefill, decode steps that cross block boundaries in some groups, frees, requests with and
 without videos, with and without prefix caching) go to both: every answer and every group's
 block count must be equal, and on a step where no group crosses a block boundary the fast
-path must not reach any group's manager.
+path must not reach any group's manager. Then real vLLM requests through ``KVCacheManager``
+with prefix caching (``allocate_slots`` also caches full blocks): same block ids, same cached
+blocks, same prefix hits, and ``cache_blocks`` reaches no manager when nothing is to cache.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ BLOCK = 16
 GROUPS = 4
 
 
-def _manager(caching: bool, spans: dict, fast: bool, spec_cls=None):
+def _manager(caching: bool, spans: dict, fast: bool, spec_cls=None, owner=False):
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig,
                                             KVCacheGroupSpec)
@@ -49,7 +51,7 @@ def _manager(caching: bool, spans: dict, fast: bool, spec_cls=None):
         if g:
             wrap_stage_manager(m, g, spans_of)
     applied = wrap_stage_coordinator(coord, spans_of) if fast else None
-    return coord, applied
+    return (kvm, coord, applied) if owner else (coord, applied)
 
 
 def _random_spans(rng):
@@ -144,3 +146,92 @@ def test_no_fast_path_unless_every_group_is_plain_full_attention():
     coord, applied = _manager(False, {}, fast=True, spec_cls=SlidingWindowSpec)
     assert applied is False
     assert not hasattr(coord.get_num_blocks_to_allocate, "_hieravid_patched")
+
+
+
+def _request(rid, prompt, hasher):
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    return Request(rid, prompt, SamplingParams(max_tokens=4096), None, block_hasher=hasher)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scheduler_lifecycle_with_prefix_caching_matches_vllm(seed):
+    """Real vLLM requests through ``KVCacheManager`` as the scheduler drives it (prefix-cache
+    lookup, ``allocate_slots`` -- which also caches the full blocks --, ``free``), prompts
+    sharing prefixes, chunked prefill and decode: with the fast path (``cache_blocks``
+    included) every group holds the same block ids and has cached as many blocks as with
+    vLLM's path, and the prefix-cache lookups find the same hits."""
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    init_none_hash(sha256)
+    hasher = get_request_block_hasher(BLOCK, sha256)
+    rng = random.Random(seed)
+    spans: dict = {}
+    sides = {fast: _manager(True, spans, fast=fast, owner=True) for fast in (False, True)}
+    assert hasattr(sides[True][1].cache_blocks, "_hieravid_patched")
+    cache_calls = {"n": 0}
+    for m in sides[True][1].single_type_managers:  # the fast side's managers, counted
+        def counted(*a, _orig=m.cache_blocks, **k):
+            cache_calls["n"] += 1
+            return _orig(*a, **k)
+        m.cache_blocks = counted
+    skipped = 0
+    prefixes = [[rng.randint(1, 5000) for _ in range(rng.randint(20, 90))] for _ in range(3)]
+    live = {False: {}, True: {}}  # rid -> (request, prefix hit, hit blocks)
+    cached_after = 0
+    for step in range(500):
+        if len(live[True]) < 5 and rng.random() < 0.2:  # a new request
+            rid = f"r{step}"
+            prompt = rng.choice(prefixes) + [rng.randint(1, 5000)
+                                             for _ in range(rng.randint(1, 120))]
+            if rng.random() < 0.7:
+                spans[rid], _end = _random_spans(rng)
+            hits = []
+            for fast, (kvm, _c, _a) in sides.items():
+                req = _request(rid, list(prompt), hasher)
+                blocks, n_hit = kvm.get_computed_blocks(req)[:2]
+                hits.append(n_hit)
+                live[fast][rid] = (req, n_hit, blocks)
+            assert hits[0] == hits[1], rid
+            left = len(prompt) - hits[0]
+            n_new, first = rng.choice([left, max(1, left // 2)]), True
+        elif live[True] and rng.random() < 0.04:  # a request ends
+            rid = rng.choice(sorted(live[True]))
+            for fast, (kvm, _c, _a) in sides.items():
+                kvm.free(live[fast].pop(rid)[0])
+            spans.pop(rid, None)
+            continue
+        elif live[True]:  # the rest of a prefill, or a decode step
+            rid = rng.choice(sorted(live[True]))
+            req = live[True][rid][0]
+            left = req.num_prompt_tokens - req.num_computed_tokens
+            n_new, first = (left if left > 0 else 1), False
+        else:
+            continue
+        token = rng.randint(1, 5000)
+        before = [m.num_cached_block.get(rid, 0) for m in sides[True][1].single_type_managers]
+        calls0 = cache_calls["n"]
+        held = []
+        for fast, (kvm, coord, _a) in sides.items():
+            req, n_hit, blocks = live[fast][rid]
+            if first:
+                out = kvm.allocate_slots(req, n_new, n_hit, blocks)
+                req.num_computed_tokens = n_hit
+            else:
+                out = kvm.allocate_slots(req, n_new)
+            assert out is not None
+            req.num_computed_tokens += n_new
+            if req.num_computed_tokens >= req.num_prompt_tokens:  # sampled a token
+                req.append_output_token_ids(token)
+            held.append(([[b.block_id for b in m.req_to_blocks[rid]]
+                          for m in coord.single_type_managers],
+                         [m.num_cached_block.get(rid) for m in coord.single_type_managers]))
+        assert held[0] == held[1], (rid, step)
+        if [c or 0 for c in held[1][1]] == before:  # no group had a new full block to cache
+            assert cache_calls["n"] == calls0, "cache fast path reached a group's manager"
+            skipped += 1
+        cached_after += req.num_computed_tokens > req.num_prompt_tokens + BLOCK
+    assert cached_after > 50 and skipped > 100  # both paths were exercised

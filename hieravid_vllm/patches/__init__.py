@@ -61,9 +61,9 @@ Engine core (``engine_core/``):
   that they exist; 0.33's ``cache_blocks`` clamps to the hashed tokens, which the stage
   counts never exceed);
 * ``stage_kv_coordinator``: ``vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator``
-  ``.get_num_blocks_to_allocate`` / ``.allocate_new_blocks`` -- per instance, by the HieraVid
-  scheduler: a request that holds every block a step needs (decode steps, mostly) skips the
-  per-group calls (checked only);
+  ``.get_num_blocks_to_allocate`` / ``.allocate_new_blocks`` / ``.cache_blocks`` -- per
+  instance, by the HieraVid scheduler: a request that holds every block a step needs and has
+  no new full block to cache (decode steps, mostly) skips the per-group calls (checked only);
 * ``scheduler``: ``vllm.v1.core.sched.scheduler.Scheduler.add_request`` / ``._free_request`` /
   ``._reserve_prefill_lookahead`` / ``._get_local_prefix_cache_hit`` -- overridden by the
   HieraVid scheduler subclass (checked only; 0.33 added an argument to the last one, which

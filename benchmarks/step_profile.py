@@ -13,7 +13,8 @@ prefill of every video, in full mode with the in-LLM selections) and the median 
 per function, median over rounds; and the ratios full / input_only.
 
     python benchmarks/step_profile.py [--requests 16] [--max-tokens 256] [--rounds 3]
-        [--budget 0.3] [--configs input_only,full] [--layers] [--prefix-caching] [--results-md benchmarks/RESULTS.md]
+        [--budget 0.3] [--configs input_only,full] [--layers] [--prefix-caching]
+        [--results-md benchmarks/RESULTS.md]
 
 Everything runs on the machine's CPU with the tiny ``bench`` Qwen2.5-VL (no GPU numbers).
 """

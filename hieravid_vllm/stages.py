@@ -113,7 +113,7 @@ class StepPlan:
     """What the model needs for one forward with HieraVid stages."""
 
     boundaries: List[int]                 # first layer of each stage
-    reqs: List[_ReqPlan]
+    reqs: List[_ReqPlan]                  # per request; empty when no video is in the step
     num_tokens: int                       # unpadded tokens of the step
     query_start_loc: np.ndarray           # (num_reqs + 1,) of the step
     selecting: bool                       # any request selects in this step

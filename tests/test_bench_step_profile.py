@@ -98,6 +98,28 @@ def test_layers_see_the_stage_rows(report):
             assert len(lay["selection"]) == 3
 
 
+def test_timers_hold_hieravids_hooks_once():
+    """The timers wrap HieraVid's runner hook (so _build_attention_metadata's time includes the
+    per-stage plan), and HieraVid's plugin loading in the engine does not wrap it again."""
+    from vllm.v1.worker import gpu_model_runner as rm
+
+    from hieravid_vllm.patches import apply_all, is_wrapped
+    from hieravid_vllm.plugin import register
+
+    sp = _load()
+    register()
+    name = "_build_attention_metadata"
+    saved = rm.GPUModelRunner.__dict__[name]
+    try:
+        sp._time_calls(rm.GPUModelRunner, name, lambda a, k, sec: None)
+        timer = rm.GPUModelRunner.__dict__[name]
+        assert timer is not saved and is_wrapped(timer)
+        apply_all()  # what vLLM's plugin loading does in the engine process
+        assert rm.GPUModelRunner.__dict__[name] is timer
+    finally:
+        setattr(rm.GPUModelRunner, name, saved)
+
+
 def test_markdown_reports_both_phases(report):
     sp, rep = report
     md = sp.markdown(rep, "test machine")

@@ -586,9 +586,8 @@ class StageState:
         if bv is not None and bv.req_ids == req_ids and bv.dropped.shape[0] == num_stages:
             return bv
         videos = [videos_of(requests[rid]) for rid in req_ids]
-        summaries = [self.summaries.get(rid) if v else None for rid, v in zip(req_ids, videos)]
-        summaries = [VideoSummary.of(v, num_stages) if v and sm is None else sm
-                     for v, sm in zip(videos, summaries)]
+        summaries = [(self.summaries.get(rid) or VideoSummary.of(v, num_stages)) if v else None
+                     for rid, v in zip(req_ids, videos)]
         self._batch = bv = BatchVideos.of(req_ids, videos, summaries, num_stages)
         return bv
 

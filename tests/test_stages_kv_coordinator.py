@@ -28,7 +28,7 @@ BLOCK = 16
 GROUPS = 4
 
 
-def _manager(caching: bool, spans: dict, fast: bool, spec_cls=None, owner=False):
+def _manager(caching: bool, spans: dict, fast: bool, spec_cls=None):
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig,
                                             KVCacheGroupSpec)
@@ -51,7 +51,7 @@ def _manager(caching: bool, spans: dict, fast: bool, spec_cls=None, owner=False)
         if g:
             wrap_stage_manager(m, g, spans_of)
     applied = wrap_stage_coordinator(coord, spans_of) if fast else None
-    return (kvm, coord, applied) if owner else (coord, applied)
+    return kvm, coord, applied
 
 
 def _random_spans(rng):
@@ -85,8 +85,8 @@ def _calls(coord):
 def test_fast_path_answers_what_vllms_coordinator_answers(caching, seed):
     rng = random.Random(seed)
     spans: dict = {}
-    ref, _ = _manager(caching, spans, fast=False)
-    fast, applied = _manager(caching, spans, fast=True)
+    _, ref, _ = _manager(caching, spans, fast=False)
+    _, fast, applied = _manager(caching, spans, fast=True)
     assert applied is True
     calls = _calls(fast)
     empty = tuple(() for _ in range(GROUPS))
@@ -143,7 +143,7 @@ def test_fast_path_answers_what_vllms_coordinator_answers(caching, seed):
 def test_no_fast_path_unless_every_group_is_plain_full_attention():
     from vllm.v1.kv_cache_interface import SlidingWindowSpec
 
-    coord, applied = _manager(False, {}, fast=True, spec_cls=SlidingWindowSpec)
+    _, coord, applied = _manager(False, {}, fast=True, spec_cls=SlidingWindowSpec)
     assert applied is False
     assert not hasattr(coord.get_num_blocks_to_allocate, "_hieravid_patched")
 
@@ -170,7 +170,7 @@ def test_scheduler_lifecycle_with_prefix_caching_matches_vllm(seed):
     hasher = get_request_block_hasher(BLOCK, sha256)
     rng = random.Random(seed)
     spans: dict = {}
-    sides = {fast: _manager(True, spans, fast=fast, owner=True) for fast in (False, True)}
+    sides = {fast: _manager(True, spans, fast=fast) for fast in (False, True)}
     assert hasattr(sides[True][1].cache_blocks, "_hieravid_patched")
     cache_calls = {"n": 0}
     for m in sides[True][1].single_type_managers:  # the fast side's managers, counted

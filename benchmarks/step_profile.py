@@ -75,6 +75,16 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
         for n in names:
             _time_calls(owner, n, lambda a, k, sec, n=n: fn_times[n].append(sec))
     steps = fn_times["step"]
+    # vLLM's per-KV-cache-group work: slot mappings computed (one per group and step) and
+    # attention metadata built (vLLM's per group, plus HieraVid's per stage in full mode)
+    from vllm.v1.worker import block_table as bt_mod
+    from vllm.v1.worker import utils as wutils
+
+    counts = {"slot_mappings": 0, "metadata_builds": 0}
+    for owner, name, key in ((bt_mod.BlockTable, "compute_slot_mapping", "slot_mappings"),
+                             (wutils.AttentionGroup, "build_metadata", "metadata_builds")):
+        _time_calls(owner, name, lambda a, k, sec, key=key: counts.__setitem__(
+            key, counts[key] + 1))
     per_call: dict = defaultdict(list)  # --layers: (rows, ms) of every call, in order
     if layers:
         from vllm.model_executor.models import qwen2
@@ -120,6 +130,7 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
                  use_tqdm=False)
         for v in list(fn_times.values()) + list(per_call.values()):
             v.clear()
+        counts.update(dict.fromkeys(counts, 0))
         gc.collect()
         t0 = time.perf_counter()
         if prefix_caching:
@@ -132,7 +143,8 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
     # steps: 0 = prefill of every request; decode steps from 1 (the last two may be short)
     res = {"config": config, "wall_s": wall, "steps": len(steps),
            "prompt_tokens_mean": statistics.mean(len(o.prompt_token_ids) for o in out),
-           "first": {"step": steps[0] * 1e3}, "decode": {"step": _med(steps[1:-2]) * 1e3}}
+           "first": {"step": steps[0] * 1e3}, "decode": {"step": _med(steps[1:-2]) * 1e3},
+           "per_step": {k: v / len(steps) for k, v in counts.items()}}
     for name, ts in fn_times.items():
         if name != "step" and len(ts) == len(steps):  # one call per step
             res["first"][name] = ts[0] * 1e3
@@ -191,11 +203,13 @@ def summarize(report: dict) -> dict:
             continue
         e = by_cfg.setdefault(res["config"], {"first": defaultdict(list),
                                               "decode": defaultdict(list),
-                                              "prompt_tokens_mean": res["prompt_tokens_mean"]})
+                                              "prompt_tokens_mean": res["prompt_tokens_mean"],
+                                              "per_step": res.get("per_step", {})})
         for phase in ("first", "decode"):
             for k, v in res[phase].items():
                 e[phase][k].append(v)
     return {c: {"prompt_tokens_mean": e["prompt_tokens_mean"], "n": len(e["decode"]["step"]),
+                "per_step": e["per_step"],
                 **{ph: {k: _med(v) for k, v in e[ph].items()} for ph in ("first", "decode")}}
             for c, e in by_cfg.items()}
 
@@ -231,6 +245,12 @@ def markdown(report: dict, machine: str) -> str:
             lines.append(f"| {ph} | {f[ph]['step'] / i[ph]['step']:.3f} | "
                          f"{f[ph]['_model_forward'] / i[ph]['_model_forward']:.3f} | "
                          f"{sch:+.2f} | {prep:+.2f} |")
+    if any(e["per_step"] for e in s.values()):
+        lines += ["", "Per engine step (measured run): KV cache group slot mappings computed by "
+                  "vLLM / attention metadata builds (vLLM's and HieraVid's): " + "; ".join(
+                      f"{c} {e['per_step'].get('slot_mappings', float('nan')):.2f} / "
+                      f"{e['per_step'].get('metadata_builds', float('nan')):.2f}"
+                      for c, e in s.items()) + "."]
     lines += layer_table(report)
     return "\n".join(lines)
 

@@ -211,6 +211,12 @@ def plan_requests(reqs: List[_ReqPlan], num_stages: int):
     return q, nc
 
 
+def _slots_of(block_table: np.ndarray, block_size: int, req: np.ndarray,
+              pos: np.ndarray) -> np.ndarray:
+    """KV slots of tokens at (compacted) positions ``pos`` of batch rows ``req``."""
+    return block_table[req, pos // block_size].astype(np.int64) * block_size + pos % block_size
+
+
 def _slot_mapping(block_table: np.ndarray, block_size: int, nc: np.ndarray, q: np.ndarray,
                   total: int) -> np.ndarray:
     """KV slots of the ``q[i]`` tokens of request ``i`` that follow its ``nc[i]`` cached ones
@@ -218,16 +224,11 @@ def _slot_mapping(block_table: np.ndarray, block_size: int, nc: np.ndarray, q: n
     out = np.full(total, -1, dtype=np.int64)
     q = np.asarray(q, dtype=np.int64)
     n = int(q.sum())
-    if n == len(q) and n <= total and (q == 1).all():  # decode: one token per request
-        j = np.asarray(nc, dtype=np.int64)
-        out[:n] = block_table[np.arange(n), j // block_size].astype(np.int64) * block_size + \
-            j % block_size
-    elif n:
+    if n:
         req = np.repeat(np.arange(len(q)), q)
         first = np.cumsum(q) - q
         j = np.asarray(nc, dtype=np.int64)[req] + np.arange(n, dtype=np.int64) - first[req]
-        out[:n] = block_table[req, j // block_size].astype(np.int64) * block_size + \
-            j % block_size
+        out[:n] = _slots_of(block_table, block_size, req, j)
     return out
 
 
@@ -246,6 +247,40 @@ def stage_layer_names(layer_names, boundaries: Sequence[int]) -> Dict[int, List[
                 g = i
         by_stage.setdefault(g, []).append(name)
     return by_stage
+
+
+def _names_by_stage(runner, model) -> Dict[int, set]:
+    """Attention layer names per stage (of every attention group of the runner), grouped
+    once per model (layer names never change)."""
+    st = model.hieravid_state
+    if st.names_by_stage is None:
+        names = [n for groups in runner.attn_groups for ag in groups for n in ag.layer_names]
+        st.names_by_stage = {g: set(n) for g, n in
+                             stage_layer_names(names, model.hieravid_boundaries).items()}
+    return st.names_by_stage
+
+
+def plan_replaces_stage_groups(runner, model, num_reqs: int) -> bool:
+    """True when :func:`build_step_plan` will build this step's attention metadata and slot
+    mappings for every layer of KV cache groups 1..S-1, so that vLLM's own for those groups
+    would be overwritten unused: one KV cache group per stage, each holding exactly its
+    stage's layers, and a request with a video in the batch. The runner hook
+    (:mod:`hieravid_vllm.patches.worker.stage_hooks`) then lets vLLM compute group 0's only."""
+    st = model.hieravid_state
+    S = len(model.hieravid_boundaries)
+    groups = runner.kv_cache_config.kv_cache_groups
+    if S < 2 or len(groups) != S:
+        return False
+    if st.replaces_groups is None:  # constant per model
+        names = _names_by_stage(runner, model)
+        st.replaces_groups = all(
+            bool(names.get(g)) and set(groups[g].layer_names) == names[g]
+            and all(set(ag.layer_names) <= names[g] for ag in runner.attn_groups[g])
+            for g in range(1, S))
+    if not st.replaces_groups:
+        return False
+    return st.batch_videos(tuple(runner.input_batch.req_ids[:num_reqs]), runner.requests,
+                           model.hieravid_request_videos, S).any_video
 
 
 @dataclass
@@ -299,19 +334,23 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
     starts = np.asarray(ib.num_computed_tokens_cpu[:num_reqs], dtype=np.int64)
     prompts = np.asarray(ib.num_prompt_tokens[:num_reqs], dtype=np.int64)
     lens = np.diff(qsl)
-    if ((starts < bv.end) & (starts + lens > bv.first)).any():
+    shared = not ((starts < bv.end) & (starts + lens > bv.first)).any()
+    if shared:
+        # every video before the step or after it: every stage schedules the rows vLLM
+        # scheduled (q_g = lens), the rows past their videos shifted by a constant per stage
+        # (plan_requests' first two cases, over the batch)
+        reqs = []
+        nc = starts - bv.dropped * (starts >= bv.end)
+        n_rows = int(qsl[-1])
+        stage_rows = [n_rows] * S
+    else:
         # a video in the step (its selecting prefill): request by request
         reqs = [_ReqPlan(i, int(s0), int(n0), int(p0), v, summary=sm) for i, (s0, n0, p0, v, sm)
                 in enumerate(zip(starts, lens, prompts, bv.videos, bv.summaries))]
         q, nc = plan_requests(reqs, S)
-    else:
-        # every video before the step or after it: a constant shift per stage for the rows
-        # past their videos (plan_requests' first two cases, over the batch)
-        reqs = []
-        q = np.broadcast_to(lens, (S, num_reqs))
-        nc = starts - bv.dropped * (starts >= bv.end)
+        stage_rows = [int(x) for x in q.sum(axis=1)]
     plan = StepPlan(boundaries, reqs, num_tokens, qsl, any(r.selecting for r in reqs),
-                    [int(q[g].sum()) for g in range(S)])
+                    stage_rows)
 
     kv_groups = runner.kv_cache_config.kv_cache_groups
     per_stage_groups = len(kv_groups) == S
@@ -319,46 +358,70 @@ def build_step_plan(runner, model, attn_metadata, slot_by_layer, num_reqs: int,
         raise RuntimeError(f"HieraVid stages need one KV cache group or one per stage, "
                            f"got {len(kv_groups)}")
     any_layer = next(iter(attn_metadata))
-    padded_rows = int(slot_by_layer[any_layer].shape[0]) if slot_by_layer else num_tokens
+    pad = max((int(slot_by_layer[any_layer].shape[0]) if slot_by_layer else num_tokens)
+              - num_tokens, 0)
     device = runner.device
-    names_by_stage = model.hieravid_state.names_by_stage
-    if names_by_stage is None:  # layer names never change: grouped once per model
-        names_by_stage = {g: set(n) for g, n in
-                          stage_layer_names(attn_metadata.keys(), boundaries).items()}
-        model.hieravid_state.names_by_stage = names_by_stage
-    stage_names = model.hieravid_state.stage_names
+    names_by_stage = _names_by_stage(runner, model)
+    stages = [g for g in range(1, S) if names_by_stage.get(g)]
+    if not stages:
+        return plan
     is_prefilling = torch.from_numpy(nc[0] < prompts)
+    tables = [ib.block_table[g if per_stage_groups else 0] for g in stages]
+    if shared:
+        # One query layout for all stages (vLLM's own tensors, as it shares them across KV
+        # cache groups); seq lens and slot mappings of all stages in one host array each and
+        # one copy to the device.
+        qsl_cpu = runner.query_start_loc.cpu[:num_reqs + 1]
+        qsl_dev = runner.query_start_loc.gpu[:num_reqs + 1]
+        seq_np = (nc[stages] + lens).astype(np.int32)                       # (G, n)
+        max_seq = seq_np.max(axis=1).tolist() if num_reqs else [0] * len(stages)
+        if (lens == 1).all():   # decode: one token per request
+            req, pos = np.arange(num_reqs), nc[stages]
+        else:
+            req = np.repeat(np.arange(num_reqs), lens)
+            pos = nc[stages][:, req] + (np.arange(n_rows) - qsl[:-1][req])
+        slots_np = np.full((len(stages), n_rows + pad), -1, dtype=np.int64)
+        for i, bt in enumerate(tables):
+            slots_np[i, :n_rows] = _slots_of(bt.block_table.np, bt.block_size, req, pos[i])
+        seq_cpu = torch.from_numpy(seq_np)
+        seq_dev, slots_dev = seq_cpu.to(device), torch.from_numpy(slots_np).to(device)
+        max_q = int(lens.max()) if num_reqs else 0
+        per_stage = [(qsl_dev, qsl_cpu, seq_dev[i], seq_cpu[i], n_rows, max_q, max_seq[i],
+                      slots_dev[i]) for i in range(len(stages))]
+    else:
+        per_stage = []
+        for g, bt in zip(stages, tables):
+            qsl_g = np.zeros(num_reqs + 1, dtype=np.int32)
+            qsl_g[1:] = np.cumsum(q[g])
+            seq_g = (nc[g] + q[g]).astype(np.int32)
+            slots = _slot_mapping(bt.block_table.np[:num_reqs], bt.block_size, nc[g], q[g],
+                                  stage_rows[g] + pad)
+            qsl_t, seq_t = torch.from_numpy(qsl_g), torch.from_numpy(seq_g)
+            per_stage.append((qsl_t.to(device), qsl_t, seq_t.to(device), seq_t, stage_rows[g],
+                              int(q[g].max()) if num_reqs else 0,
+                              int(seq_g.max()) if num_reqs else 0,
+                              torch.from_numpy(slots).to(device)))
     from vllm.v1.attention.backend import CommonAttentionMetadata  # worker only
 
-    for g in range(1, S):
-        names = names_by_stage.get(g, ())
-        if not names:
-            continue
+    stage_names = model.hieravid_state.stage_names
+    for g, bt, (qsl_dev, qsl_cpu, seq_dev, seq_cpu, rows, max_q, max_seq, slot_t) in zip(
+            stages, tables, per_stage):
         gid = g if per_stage_groups else 0
-        bt = ib.block_table[gid]
-        block_np = bt.block_table.np[:num_reqs]
-        block_table_dev = bt.get_device_tensor(num_reqs)
-        rows = int(q[g].sum())
-        slots = _slot_mapping(block_np, bt.block_size, nc[g], q[g],
-                              rows + max(padded_rows - num_tokens, 0))
-        qsl_g = np.zeros(num_reqs + 1, dtype=np.int32)
-        qsl_g[1:] = np.cumsum(q[g])
-        seq_g = (nc[g] + q[g]).astype(np.int32)
-        slot_t = torch.from_numpy(slots).to(device)
         cm = CommonAttentionMetadata(
-            query_start_loc=torch.from_numpy(qsl_g).to(device),
-            query_start_loc_cpu=torch.from_numpy(qsl_g),
-            seq_lens=torch.from_numpy(seq_g).to(device),
-            seq_lens_cpu_upper_bound=torch.from_numpy(seq_g),
+            query_start_loc=qsl_dev,
+            query_start_loc_cpu=qsl_cpu,
+            seq_lens=seq_dev,
+            seq_lens_cpu_upper_bound=seq_cpu,
             num_reqs=num_reqs,
             num_actual_tokens=rows,
-            max_query_len=int(q[g].max()) if num_reqs else 0,
-            max_seq_len=int(seq_g.max()) if num_reqs else 0,
-            block_table_tensor=block_table_dev,
+            max_query_len=max_q,
+            max_seq_len=max_seq,
+            block_table_tensor=bt.get_device_tensor(num_reqs),
             slot_mapping=slot_t,
             causal=True,
             is_prefilling=is_prefilling,
         )
+        names = names_by_stage[g]
         for attn_group in runner.attn_groups[gid]:
             key = (g, id(attn_group))
             group_names = stage_names.get(key)
@@ -543,7 +606,8 @@ class StageState:
     * the step plan: set by the runner hook for the step (:meth:`set_plan`), taken once by the
       model's forward (:meth:`take_plan`).
     * ``names_by_stage``: attention layer names per stage, ``stage_names`` per stage and
-      attention group (constant per model).
+      attention group, ``replaces_groups`` (:func:`plan_replaces_stage_groups`; constant per
+      model).
     """
 
     def __init__(self) -> None:
@@ -554,6 +618,7 @@ class StageState:
         self._plan: Optional[StepPlan] = None
         self.names_by_stage: Optional[Dict[int, set]] = None
         self.stage_names: Dict[tuple, List[str]] = {}  # (stage, attn group) -> its layers
+        self.replaces_groups: Optional[bool] = None  # see plan_replaces_stage_groups
         self._batch: Optional[BatchVideos] = None  # of the last step's batch
 
     # encoder outputs

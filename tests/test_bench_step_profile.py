@@ -79,6 +79,19 @@ def test_full_mode_prompts_are_the_input_stage_counts(report):
     assert by["full"] - by["input_only"] == full0 - only0
 
 
+def test_full_mode_leaves_the_stage_groups_to_its_plan(report):
+    """Every step of the measured run has a video request in its batch, so in full mode
+    (tiny preset: 4 layers, one stage and one KV cache group each) vLLM computes the slot
+    mapping and attention metadata of group 0 only and the stage plan builds the other 3
+    groups' metadata (without the skip: 4 slot mappings and 4 + 3 builds per step);
+    input_only has one group."""
+    sp, rep = report
+    by = {r["config"]: r["per_step"] for r in rep["rounds"]}
+    assert by["input_only"] == {"slot_mappings": 1.0, "metadata_builds": 1.0}, by
+    assert by["full"] == {"slot_mappings": 1.0, "metadata_builds": 4.0}, by
+    assert "full 1.00 / 4.00" in sp.markdown(rep, "test machine")
+
+
 def test_layers_see_the_stage_rows(report):
     """--layers: one entry per decoder layer of the prefill step; input_only runs every layer
     on the whole step (both prompts), full mode starts there too and drops rows at each stage

@@ -125,7 +125,8 @@ def _runner(reqs, groups, block_size, attn_groups, pad):
     return SimpleNamespace(
         input_batch=ib,
         requests={f"r{i}": SimpleNamespace(req_id=f"r{i}") for i in range(num_reqs)},
-        query_start_loc=SimpleNamespace(cpu=torch.from_numpy(qsl)),
+        query_start_loc=SimpleNamespace(cpu=torch.from_numpy(qsl),
+                                        gpu=torch.from_numpy(qsl.copy())),
         kv_cache_config=SimpleNamespace(kv_cache_groups=[None] * groups),
         device=torch.device("cpu"), attn_groups=attn_groups), int(qsl[-1]) + pad
 

@@ -77,8 +77,10 @@ imports the runners):
 * ``load_model_cpu``: ``vllm.v1.worker.cpu_model_runner.CPUModelRunner.load_model`` -- same;
 * ``profile_run``: ``GPUModelRunner.profile_run`` -- dummy videos not counted, largest
   in-LLM selection in the memory profile;
-* ``stage_hooks``: ``GPUModelRunner.execute_model`` / ``._get_slot_mappings`` /
-  ``._build_attention_metadata`` -- per-stage attention metadata (full mode);
+* ``stage_hooks``: ``GPUModelRunner.execute_model`` / ``._prepare_inputs`` /
+  ``._get_slot_mappings`` / ``._build_attention_metadata`` -- per-stage attention metadata
+  (full mode); vLLM's own slot mappings and metadata of the stage groups skipped when the
+  plan replaces them;
 * ``stage_state``: ``GPUModelRunner._execute_mm_encoder`` / ``._cache_encoder_output`` /
   ``._process_encoder_cache_scheduler_output`` / ``._on_request_state_removed`` -- the
   lifecycle of the model's stage state (video layouts per encoder-cache entry, video spans

@@ -28,6 +28,10 @@ the package imports (never here) and otherwise checks the ``CommonAttentionMetad
 plugin hands every builder (captured from the same call) against the simulation, including
 what FlashInfer's ``build`` relies on: ``is_prefilling``, and decodes first with query length
 1 at every stage (``split_decodes_and_prefills``).
+
+The last tests check when vLLM's own slot mappings and metadata of KV cache groups 1..S-1 are
+left to the plan (``stages.plan_replaces_stage_groups``) and the runner patch that does it
+(``patches.worker.stage_hooks``), on a runner class with vLLM's call order.
 """
 from __future__ import annotations
 
@@ -417,3 +421,136 @@ def test_flex_builder_stage_metadata_survive_later_stages(vllm_config, groups):
         assert all(intact)
     else:
         assert intact == [False] * (S - 2) + [True]
+
+
+# ------------------------------------------------------------------------------------------
+# vLLM's own work for the stage groups: left to the plan when the plan replaces it
+# ------------------------------------------------------------------------------------------
+def _stage_groups(attn_groups):
+    return [SimpleNamespace(layer_names=list(g[0].layer_names)) for g in attn_groups]
+
+
+def test_plan_replaces_stage_groups_only_where_it_builds_every_layer(vllm_config):
+    """True only with one KV cache group per stage holding exactly that stage's layers and a
+    video in the batch (then build_step_plan builds every layer of groups 1..S-1)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from hieravid_vllm.stages import plan_replaces_stage_groups
+
+    reqs = _decode_batch()
+    text_first = [reqs[2], reqs[5]] + reqs[:2]    # rows 0-1 without a video
+    ag = _attn_groups(vllm_config, CPUAttentionBackend, S, 16, None)
+    for batch, n, want in ((reqs, len(reqs), True), (text_first, 2, False),
+                           (text_first, 3, True)):
+        runner, _ = _runner(batch, S, 16, ag, 0)
+        runner.kv_cache_config.kv_cache_groups = _stage_groups(ag)
+        model = _Model({f"r{i}": r["videos"] for i, r in enumerate(batch)})
+        assert plan_replaces_stage_groups(runner, model, n) is want, (n, want)
+    # a group that also holds a layer of another stage: vLLM keeps building every group
+    runner, _ = _runner(reqs, S, 16, ag, 0)
+    groups = _stage_groups(ag)
+    groups[1].layer_names.append(NAME.format(2))
+    runner.kv_cache_config.kv_cache_groups = groups
+    assert not plan_replaces_stage_groups(runner, _Model({f"r{i}": r["videos"]
+                                                          for i, r in enumerate(reqs)}),
+                                          len(reqs))
+    # one group for all layers (HIERAVID_KV_GROUPS=0)
+    ag1 = _attn_groups(vllm_config, CPUAttentionBackend, 1, 16, None)
+    runner, _ = _runner(reqs, 1, 16, ag1, 0)
+    runner.kv_cache_config.kv_cache_groups = _stage_groups(ag1)
+    assert not plan_replaces_stage_groups(runner, _Model({f"r{i}": r["videos"]
+                                                          for i, r in enumerate(reqs)}),
+                                          len(reqs))
+
+
+def test_runner_hook_leaves_the_stage_groups_to_the_plan(vllm_config):
+    """The runner patch (``stage_hooks.apply``) on a runner class with vLLM's call order
+    (_prepare_inputs -> _get_slot_mappings -> _build_attention_metadata inside execute_model):
+    with a video in the batch, vLLM computes KV cache group 0's slot mapping and metadata
+    only, the plan builds every layer of the other groups (the real CPU_ATTN builder) and the
+    full config is back afterwards; without a video vLLM does every group and there is no
+    plan; a step that skipped groups 1.. and then cannot be planned is an error."""
+    from dataclasses import dataclass
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from hieravid_vllm.patches.worker import stage_hooks
+
+    ag = _attn_groups(vllm_config, CPUAttentionBackend, S, 16, None)
+    names = [n for g in ag for n in g[0].layer_names]
+
+    @dataclass
+    class Config:  # stands for vLLM's KVCacheConfig dataclass
+        kv_cache_groups: list
+
+    class BlockTables:  # MultiGroupBlockTable's interface
+        def __init__(self, tables, calls):
+            self.block_tables, self.calls = tables, calls
+
+        def __getitem__(self, i):
+            return self.block_tables[i]
+
+        def compute_slot_mapping(self, num_reqs, qsl, positions):
+            for t in self.block_tables:
+                t.compute_slot_mapping(num_reqs, qsl, positions)
+
+    class Runner:
+        def __init__(self, reqs, calls):
+            base, self.padded = _runner(reqs, S, 16, ag, 5)
+            self.__dict__.update(vars(base))
+            self.kv_cache_config = Config(_stage_groups(ag))
+            for g, t in enumerate(self.input_batch.block_table):
+                t.compute_slot_mapping = lambda *a, g=g: calls.append(("slots", g))
+            self.input_batch.block_table = BlockTables(self.input_batch.block_table, calls)
+            self.input_batch.num_reqs = len(reqs)
+            self.model = _Model({f"r{i}": r["videos"] for i, r in enumerate(reqs)})
+            self.model.hieravid_stages_enabled = True
+            self.calls = calls
+
+        def get_model(self):
+            return self.model
+
+        def execute_model(self, ubatch_slices=None):
+            self._prepare_inputs()
+            self._get_slot_mappings()
+            n = self.input_batch.num_reqs
+            return self._build_attention_metadata(
+                num_tokens=int(self.query_start_loc.cpu[n]), num_reqs=n,
+                ubatch_slices=ubatch_slices)
+
+        def _prepare_inputs(self):
+            self.input_batch.block_table.compute_slot_mapping(self.input_batch.num_reqs,
+                                                              None, None)
+
+        def _get_slot_mappings(self):
+            return {}, {n: torch.full((self.padded,), -7) for n in names}
+
+        def _build_attention_metadata(self, **kw):
+            groups = self.kv_cache_config.kv_cache_groups
+            self.calls.append(("build", len(groups)))
+            return {n: "vllm" for g in groups for n in g.layer_names}, None
+
+    stage_hooks.apply(SimpleNamespace(GPUModelRunner=Runner))
+
+    calls = []
+    r = Runner(_decode_batch(), calls)
+    md, _ = r.execute_model()
+    assert calls == [("slots", 0), ("build", 1)]
+    assert len(r.kv_cache_config.kv_cache_groups) == S and not r._hieravid_first_group
+    assert set(md) == set(names) and md[names[0]] == "vllm"
+    assert all(md[n] != "vllm" for n in names[1:])          # built by the plan
+    assert r.model.hieravid_state.take_plan() is not None
+    assert not getattr(r.input_batch.block_table, stage_hooks._FIRST_ONLY)
+
+    calls = []
+    r = Runner([dict(videos=[], prompt=20, start=25, num=1),
+                dict(videos=[], prompt=300, start=64, num=96)], calls)
+    md, _ = r.execute_model()
+    assert calls == [("slots", g) for g in range(S)] + [("build", S)]
+    assert all(md[n] == "vllm" for n in names)
+    assert r.model.hieravid_state.take_plan() is None
+
+    r = Runner(_decode_batch(), [])
+    with pytest.raises(RuntimeError, match="left to the stage plan"):
+        r.execute_model(ubatch_slices=object())
+    assert len(r.kv_cache_config.kv_cache_groups) == S

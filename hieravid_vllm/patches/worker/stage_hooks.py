@@ -18,8 +18,8 @@ after). A step that skipped them and then builds no plan is an error, never stal
 Why: vLLM builds one attention metadata per KV cache group for all layers; HieraVid's later
 stages attend over fewer (compacted) tokens, and vLLM's own slot mappings and metadata for
 those groups would be computed and thrown away on every step (S-1 slot-mapping kernels and
-metadata builds; on the CPU backend, which has no ``update_block_table``, about a third of
-full mode's extra host work per decode step).
+S-1 metadata builds, full builds on backends without ``update_block_table`` such as CPU_ATTN;
+benchmarks/RESULTS.md, "Engine step profile").
 When it can go: when vLLM lets a model build metadata for layers with fewer tokens.
 Unchanged behaviour without HieraVid full mode (``hieravid_stages_enabled`` is false).
 """

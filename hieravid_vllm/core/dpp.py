@@ -440,7 +440,8 @@ def _greedy_map_host_lockstep(features: torch.Tensor, lengths: list, ks: list, s
     n = max(lens)
     kmax = max(kk)
     dt = _state_dtype(features)
-    H = features[idx, :n].to(dt)                                     # (M, n, C)
+    every = segs == list(range(features.shape[0])) and n == features.shape[1]
+    H = (features if every else features[idx, :n]).to(dt)           # (M, n, C); no gather
     ar_n = torch.arange(n)
     valid = ar_n.unsqueeze(0) < torch.as_tensor(lens).unsqueeze(1)     # (M, n)
     w = torch.ones(M, n, dtype=dt) if weights is None else weights[idx, :n].to(dev, dt)

@@ -209,11 +209,30 @@ def build_schedule(config: HieraVidConfig, num_visual: int,
 # ------------------------------------------------------------------------------------------
 # Segment budget allocation (Sec. 3.1.2)
 # ------------------------------------------------------------------------------------------
-def _cos(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Row-wise cosine, 0 when either vector is zero."""
-    num = (a * b).sum(-1)
-    den = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(den > eps, num / den.clamp_min(eps), torch.zeros_like(num))
+def _cos(a: np.ndarray, b: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise cosine (float64 numpy), 0 when either vector is zero."""
+    num = np.einsum("ij,ij->i", a, b)
+    den = np.sqrt(np.einsum("ij,ij->i", a, a)) * np.sqrt(np.einsum("ij,ij->i", b, b))
+    return np.where(den > eps, num / np.maximum(den, eps), 0.0)
+
+
+def _segment_scores_host(g: np.ndarray, lam: float, missing_neighbor: str) -> np.ndarray:
+    """:func:`segment_scores` on a float64 numpy (M, C) array: M-sized host work, where a
+    numpy op costs a tenth of a torch op's dispatch."""
+    M = g.shape[0]
+    if missing_neighbor not in ("neutral", "zero"):
+        raise ValueError(f"missing_neighbor must be 'neutral' or 'zero', got {missing_neighbor!r}")
+    if M <= 1:
+        return np.full(M, 0.5)
+    csum = np.cumsum(g, axis=0)
+    g_l = csum - g                      # sum of segments 0..m-1
+    g_r = csum[-1:] - csum              # sum of segments m+1..M-1
+    s_l = _cos(g, g_l)
+    s_r = _cos(g, g_r)
+    if missing_neighbor == "neutral":
+        s_l[0] = s_l[1:].mean()
+        s_r[-1] = s_r[:-1].mean()
+    return lam * s_r + (1.0 - lam) * (1.0 - s_l)
 
 
 def segment_scores(g: torch.Tensor, lam: float = 0.5,
@@ -227,24 +246,11 @@ def segment_scores(g: torch.Tensor, lam: float = 0.5,
     it, so position alone does not move a segment's budget (with M = 2 both scores are equal,
     hence no deviation); ``"zero"``: the empty sum is the zero vector and its cosine is 0
     (first segment maximally diverse, last segment minimally representative). M = 1: [0.5].
+    Computed on the host in float64 numpy; returned on ``g``'s device.
     """
-    g = g.to(torch.float64)
-    M = g.shape[0]
-    if M <= 1:
-        return torch.full((M,), 0.5, dtype=torch.float64, device=g.device)
-    csum = torch.cumsum(g, 0)
-    g_l = csum - g                      # sum of segments 0..m-1
-    g_r = csum[-1:] - csum              # sum of segments m+1..M-1
-    s_l = _cos(g, g_l)
-    s_r = _cos(g, g_r)
-    if missing_neighbor == "neutral":
-        s_l = s_l.clone()
-        s_r = s_r.clone()
-        s_l[0] = s_l[1:].mean()
-        s_r[-1] = s_r[:-1].mean()
-    elif missing_neighbor != "zero":
-        raise ValueError(f"missing_neighbor must be 'neutral' or 'zero', got {missing_neighbor!r}")
-    return lam * s_r + (1.0 - lam) * (1.0 - s_l)
+    b = _segment_scores_host(g.detach().to("cpu", torch.float64).numpy(), lam,
+                             missing_neighbor)
+    return torch.from_numpy(b).to(g.device)
 
 
 def _reconcile_shift(lf_h: np.ndarray, kr_h: np.ndarray, target: int) -> float:
@@ -276,6 +282,39 @@ def _reconcile_shift(lf_h: np.ndarray, kr_h: np.ndarray, target: int) -> float:
     return lo
 
 
+def _allocate_counts_host(lengths: np.ndarray, keep_ratio: np.ndarray,
+                          target: int) -> np.ndarray:
+    """:func:`allocate_segment_counts` on numpy arrays (int64 lengths, float64 keep ratios)."""
+    M = lengths.shape[0]
+    total = int(lengths.sum())
+    if not 0 <= target <= total:
+        raise ValueError(f"target {target} outside [0, {total}] (tokens available)")
+    if M == 0 or target == 0:
+        return np.zeros(M, dtype=np.int64)
+    if target == total:
+        return lengths.copy()
+    lf = lengths.astype(np.float64)
+    lo = _reconcile_shift(lf, keep_ratio, target)
+    y = lf * np.clip(keep_ratio + lo, 0.0, 1.0)
+    base = np.minimum(np.floor(y).astype(np.int64), lengths)
+    r = target - int(base.sum())
+    frac = y - base
+    eligible = base < lengths
+    # largest remainder among eligible; ties by index (stable sort of -frac)
+    order = np.argsort(np.where(eligible, -frac, np.inf), kind="stable")
+    give = min(max(r, 0), int(eligible.sum()))
+    counts = base.copy()
+    counts[order[:give]] += 1
+    left = target - int(counts.sum())
+    if left > 0:  # only reachable through float round-off: fill spare capacity in index order
+        cap = lengths - counts
+        before = np.cumsum(cap) - cap
+        counts = counts + np.minimum(np.clip(left - before, 0, None), cap)
+    elif left < 0:  # pragma: no cover - lo keeps sum(y) <= target
+        raise AssertionError("allocation overshoot")
+    return counts
+
+
 def allocate_segment_counts(lengths: torch.Tensor, keep_ratio: torch.Tensor,
                             target: int) -> torch.Tensor:
     """Integer counts x_m in [0, len_m] with sum x_m = target, close to keep_ratio_m * len_m.
@@ -284,41 +323,12 @@ def allocate_segment_counts(lengths: torch.Tensor, keep_ratio: torch.Tensor,
     bisection so that sum_m len_m * clip(keep_m + tau, 0, 1) = target (the shift keeps Eq. 5's
     form base + R_var z), then largest remainder: floors, and the missing units go to the
     segments with the largest fractional part (ties: lower segment index), never above len_m.
+    M-sized: runs on the host in numpy; returned on ``lengths``' device.
     """
-    lengths = lengths.to(torch.int64)
-    M = lengths.shape[0]
-    total = int(lengths.sum())
-    if not 0 <= target <= total:
-        raise ValueError(f"target {target} outside [0, {total}] (tokens available)")
-    dev = lengths.device
-    if M == 0 or target == 0:
-        return torch.zeros(M, dtype=torch.int64, device=dev)
-    if target == total:
-        return lengths.clone()
-    lf = lengths.to(torch.float64)
-    kr = keep_ratio.to(torch.float64).to(dev)
-    lo = _reconcile_shift(lf.cpu().numpy(), kr.cpu().numpy(), target)
-    y = lf * (kr + lo).clamp(0.0, 1.0)
-    base = torch.minimum(torch.floor(y).to(torch.int64), lengths)
-    r = target - int(base.sum())
-    frac = (y - base.to(torch.float64))
-    eligible = base < lengths
-    # largest remainder among eligible; ties by index (stable sort of -frac)
-    key = torch.where(eligible, -frac, torch.full_like(frac, float("inf")))
-    order = torch.sort(key, stable=True).indices
-    n_el = int(eligible.sum())
-    give = min(max(r, 0), n_el)
-    add = torch.zeros(M, dtype=torch.int64, device=dev)
-    add[order[:give]] = 1
-    counts = base + add
-    left = target - int(counts.sum())
-    if left > 0:  # only reachable through float round-off: fill spare capacity in index order
-        cap = lengths - counts
-        before = torch.cumsum(cap, 0) - cap
-        counts = counts + (left - before).clamp(min=0).minimum(cap)
-    elif left < 0:  # pragma: no cover - lo keeps sum(y) <= target
-        raise AssertionError("allocation overshoot")
-    return counts
+    counts = _allocate_counts_host(lengths.to("cpu", torch.int64).numpy(),
+                                   keep_ratio.detach().to("cpu", torch.float64).numpy(),
+                                   int(target))
+    return torch.from_numpy(counts).to(lengths.device)
 
 
 def segment_sums(features: torch.Tensor, seg: torch.Tensor, M: int,
@@ -381,16 +391,17 @@ def segment_counts(features: torch.Tensor, segment_ids: torch.Tensor, target: in
             raise ValueError(f"target {target} with no tokens")
         return torch.zeros(M, dtype=torch.int64, device=out_dev)
     base_keep = target / n
-    nonempty = lengths > 0
-    z = torch.zeros(M, dtype=torch.float64)
+    len_h = lengths.numpy()
+    nonempty = len_h > 0
+    z = np.zeros(M)
     if int(nonempty.sum()) > 1 and config.r_var > 0:
-        sums = segment_sums(features, seg, M).cpu()
-        g = sums / lengths.clamp_min(1).to(torch.float32).unsqueeze(-1)
-        idx = torch.nonzero(nonempty).squeeze(-1)
-        b = segment_scores(g[idx], config.lam, config.missing_neighbor)
-        std = b.std(correction=0)
+        sums = segment_sums(features, seg, M).cpu().numpy()
+        g = sums / np.maximum(len_h, 1).astype(np.float32)[:, None]    # float32, as summed
+        b = _segment_scores_host(g[nonempty].astype(np.float64), config.lam,
+                                 config.missing_neighbor)
+        std = b.std()                                                  # population std
         if float(std) > 1e-12:
-            z[idx] = (b - b.mean()) / std
+            z[nonempty] = (b - b.mean()) / std
     sign = 1.0 if config.segment_score_keeps_more else -1.0
     keep = base_keep + sign * config.r_var * z
-    return allocate_segment_counts(lengths, keep, int(target)).to(out_dev)
+    return torch.from_numpy(_allocate_counts_host(len_h, keep, int(target))).to(out_dev)

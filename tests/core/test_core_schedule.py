@@ -219,3 +219,73 @@ def test_segment_counts_random_exact():
                              missing_neighbor=rnd.choice(["neutral", "zero"]))
         c = segment_counts(feats, seg, target, cfg, num_segments=M)
         _check_alloc(c, torch.tensor(lens), target)
+
+
+def _torch_segment_counts(features, seg, target, cfg, M):
+    """Eq. 4-5 and the reconciliation in torch ops, as first written (a second formulation of
+    what ``segment_counts`` now computes in numpy on the host)."""
+    lengths = torch.bincount(seg, minlength=M)[:M]
+    n = seg.shape[0]
+    z = torch.zeros(M, dtype=torch.float64)
+    nonempty = lengths > 0
+    if int(nonempty.sum()) > 1 and cfg.r_var > 0:
+        sums = torch.zeros(M, features.shape[1]).index_add_(0, seg, features.float())
+        g = (sums / lengths.clamp_min(1).float().unsqueeze(-1))[nonempty].double()
+        csum = torch.cumsum(g, 0)
+        g_l, g_r = csum - g, csum[-1:] - csum
+
+        def cos(a, b):
+            num, den = (a * b).sum(-1), a.norm(dim=-1) * b.norm(dim=-1)
+            return torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.zeros_like(num))
+        s_l, s_r = cos(g, g_l), cos(g, g_r)
+        if cfg.missing_neighbor == "neutral":
+            s_l[0], s_r[-1] = s_l[1:].mean(), s_r[:-1].mean()
+        b = cfg.lam * s_r + (1 - cfg.lam) * (1 - s_l)
+        std = b.std(correction=0)
+        if float(std) > 1e-12:
+            z[nonempty] = (b - b.mean()) / std
+    keep = target / n + (1.0 if cfg.segment_score_keeps_more else -1.0) * cfg.r_var * z
+    lf = lengths.double()
+    lo, hi = -1.0 - float(keep.max()), 1.0 - float(keep.min())
+    tot = lambda t: float((lf * (keep + t).clamp(0.0, 1.0)).sum())
+    if 0 < target < int(lengths.sum()):
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):
+                break
+            lo, hi = (mid, hi) if tot(mid) <= target else (lo, mid)
+    else:
+        return lengths.clone() if target else torch.zeros_like(lengths)
+    y = lf * (keep + lo).clamp(0.0, 1.0)
+    base = torch.minimum(torch.floor(y).long(), lengths)
+    elig = base < lengths
+    key = torch.where(elig, -(y - base.double()), torch.full_like(y, float("inf")))
+    give = min(max(target - int(base.sum()), 0), int(elig.sum()))
+    base[torch.sort(key, stable=True).indices[:give]] += 1
+    return base
+
+
+def test_segment_counts_equal_the_torch_formulation():
+    """The host (numpy) Eq. 4-5 + reconciliation give the counts of the torch formulation, on
+    random videos: 1-40 segments (some empty), C 8 or 512, both neighbour rules, both signs."""
+    rnd = random.Random(11)
+    gen = torch.Generator().manual_seed(11)
+    for i in range(300):
+        M = rnd.choice([1, 2, 3, 5, 11, 24, 40])
+        lens = [rnd.choice([0, 1, 3, 20, 70]) if rnd.random() < 0.3 else rnd.randint(1, 90)
+                for _ in range(M)]
+        n = sum(lens)
+        if n == 0:
+            continue
+        C = rnd.choice([8, 512])
+        seg = torch.repeat_interleave(torch.arange(M), torch.tensor(lens))
+        # segment contents around a few shared directions: scores spread, as in a video
+        centers = torch.randn(M, C, generator=gen)
+        feats = centers[seg] + rnd.choice([0.1, 1.0]) * torch.randn(n, C, generator=gen)
+        target = rnd.randint(0, n)
+        cfg = HieraVidConfig(r_var=rnd.choice([0.0, 0.1, 0.3, 1.0]),
+                             missing_neighbor=rnd.choice(["neutral", "zero"]),
+                             segment_score_keeps_more=rnd.random() < 0.8)
+        got = segment_counts(feats, seg, target, cfg, num_segments=M)
+        want = _torch_segment_counts(feats, seg, target, cfg, M)
+        assert torch.equal(got, want), (i, got, want)

@@ -15,6 +15,14 @@ Rows (ms, median of ``--reps``): per video, the relevance-only stage, the DPP st
 Eq. 4-5 counts alone; per boundary (all videos), the per-video greedy calls against the one
 batched call. To compare two checkouts, run it under each (``PYTHONPATH=<checkout>``),
 alternating. Needs torch and numpy only (no vLLM); CPU timings, no GPU numbers.
+
+``--replay DIR`` times the engine's own selection inputs instead: the stage dumps a server
+or engine writes to ``$HIERAVID_DEBUG_DIR`` (``stages-*.pt``: per video and boundary the
+visual hidden states, query, segment ids, target, config), one per distinct video, each
+boundary's ``select_layer_stage`` calls for all videos as ``stages._select_rows`` makes
+them (the picks are first checked equal to the engine's), and the Eq. 4-5 counts alone.
+For example: ``HIERAVID_DEBUG_DIR=/tmp/d python benchmarks/step_profile.py --configs full
+--max-tokens 2 --rounds 1``, then ``--replay /tmp/d``; run under two checkouts to compare.
 """
 from __future__ import annotations
 
@@ -131,6 +139,60 @@ def run(args) -> str:
     return "\n".join(lines)
 
 
+def load_replay(path: str) -> list:
+    """One dump per distinct video (``mm_hash``): its list of per-boundary inputs."""
+    import glob
+
+    seen, videos = set(), []
+    for f in sorted(glob.glob(os.path.join(path, "stages-*.pt"))):
+        d = torch.load(f, weights_only=False)
+        if d["mm_hash"] not in seen:
+            seen.add(d["mm_hash"])
+            videos.append(d["boundaries"])
+    if not videos:
+        raise SystemExit(f"no stages-*.pt dumps in {path} (HIERAVID_DEBUG_DIR of a full-mode run)")
+    return videos
+
+
+def replay(args) -> str:
+    from hieravid_vllm.core.pipeline import select_layer_stage
+
+    videos = load_replay(args.replay)
+    nb = min(len(v) for v in videos)
+    lines = [f"Replay of {len(videos)} videos' stage inputs from {args.replay}; machine: "
+             f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads; ms, median of {args.reps}.", "",
+             "| boundary | DPP | tokens in -> kept (all videos) | segments | selection, all "
+             "videos | of which Eq. 4-5 counts | selection per video |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for b in range(nb):
+        calls = []
+        for v in videos:
+            d = v[b]
+            # the dump's kept positions are the video's (from its first visual token); the
+            # rows this boundary saw are the ones the previous boundary kept
+            pos = d["pos"].long()
+            kept = pos if b == 0 else torch.searchsorted(v[b - 1]["pos"].long(), pos)
+            calls.append((d["hidden_visual"], d["query"], d["segment_ids"], d["target"],
+                          HieraVidConfig.model_validate(d["config"]), d["use_dpp"],
+                          d["num_segments"], kept))
+        for h, q, s, t, c, u, m, kept in calls:   # the engine's picks, reproduced
+            keep = select_layer_stage(h, q, s, t, c, use_dpp=u, num_segments=m)
+            assert torch.equal(keep, kept.to(keep.dtype)), \
+                f"boundary {b + 1}: picks differ from the engine's"
+        lens = [host_segment_lengths(s, m) for _, _, s, _, _, _, m, _ in calls]
+        total = median_ms(lambda: [select_layer_stage(h, q, s, t, c, use_dpp=u, num_segments=m)
+                                   for h, q, s, t, c, u, m, _ in calls], args.reps)
+        counts = median_ms(lambda: [segment_counts(h, s, t, c, num_segments=m, lengths=lh)
+                                    for (h, _, s, t, c, _, m, _), lh in zip(calls, lens)],
+                           args.reps)
+        n_in = sum(c[0].shape[0] for c in calls)
+        lines.append(f"| {b + 1} | {'yes' if calls[0][5] else 'no'} | {n_in} -> "
+                     f"{sum(int(c[3]) for c in calls)} | {sum(int(c[6]) for c in calls)} | "
+                     f"{total:.1f} | {counts:.1f} | {total / len(calls):.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--videos", type=int, default=16)
@@ -140,7 +202,9 @@ def main(argv=None) -> int:
                     "bench preset's (the tests run small)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    print(run(ap.parse_args(argv)))
+    ap.add_argument("--replay", metavar="DIR", help="time the stage dumps in DIR instead")
+    args = ap.parse_args(argv)
+    print(replay(args) if args.replay else run(args))
     return 0
 
 

@@ -35,7 +35,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-    sys.path.insert(1, ROOT)   # after PYTHONPATH: a checkout named there is the one timed
+    sys.path.append(ROOT)   # last: a checkout named in PYTHONPATH (or installed) is timed
 
 import torch  # noqa: E402
 

@@ -96,8 +96,17 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
                             (qwen2.Qwen2Attention, "attention", 2), (qwen2.Qwen2MLP, "mlp", 1)):
             _time_calls(cls, "forward", lambda a, k, sec, key=key, i=i: per_call[key].append(
                 (int(k.get("hidden_states", a[i] if len(a) > i else None).shape[0]), sec)))
-        _time_calls(stages, "_select_rows",
-                    lambda a, k, sec: per_call["selection"].append((0, sec)))
+        # the selection proper (select_layer_stage, one call per video) inside each
+        # boundary's _select_rows: the rest is the row bookkeeping around it
+        _time_calls(stages, "select_layer_stage",
+                    lambda a, k, sec: per_call["select_calls"].append((0, sec)))
+
+        def _boundary(a, k, sec):  # the boundary's calls: the ones since the last boundary
+            calls = per_call["select_calls"]
+            per_call["selection"].append((0, sec))
+            per_call["selection_calls"].append((0, sum(t for _n, t in calls)))
+            calls.clear()
+        _time_calls(stages, "_select_rows", _boundary)
 
 
     model = str(build_tiny_model("qwen2_5_vl", preset=preset))
@@ -151,8 +160,9 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
             res["decode"][name] = _med(ts[1:-2]) * 1e3
     if layers:  # the first step's calls: one per decoder layer (the selections: per boundary)
         nl = len(per_call["layer"]) // len(steps)
-        res["layers"] = {k: [(rows, t * 1e3) for rows, t in v[:nl if k != "selection" else None]]
-                         for k, v in per_call.items()}
+        res["layers"] = {k: [(rows, t * 1e3)
+                             for rows, t in v[:nl if not k.startswith("selection") else None]]
+                         for k, v in per_call.items() if k != "select_calls"}
     return res
 
 
@@ -287,8 +297,14 @@ def layer_table(report: dict) -> list:
         sel = [r.get("selection", []) for r in per[c]]
         if any(sel):
             means = [statistics.mean(s[b][1] for s in sel) for b in range(min(map(len, sel)))]
+            inner = [r.get("selection_calls", []) for r in per[c]]
+            calls = [statistics.mean(s[b][1] for s in inner) for b in range(len(means))] \
+                if all(len(s) >= len(means) for s in inner) else []
             out.append(f"\n{c}: in-LLM selections per boundary (ms): "
-                       + ", ".join(f"{m:.0f}" for m in means) + f"; sum {sum(means):.0f}")
+                       + ", ".join(f"{m:.0f}" for m in means) + f"; sum {sum(means):.0f}"
+                       + (f"; of which the selections proper (select_layer_stage): "
+                          + ", ".join(f"{m:.0f}" for m in calls) + f"; sum {sum(calls):.0f}"
+                          if calls else ""))
     return out
 
 

@@ -95,7 +95,8 @@ def test_full_mode_leaves_the_stage_groups_to_its_plan(report):
 def test_layers_see_the_stage_rows(report):
     """--layers: one entry per decoder layer of the prefill step; input_only runs every layer
     on the whole step (both prompts), full mode starts there too and drops rows at each stage
-    start, with one selection per boundary; attention + MLP fit inside their layer."""
+    start, with one selection per boundary (the select_layer_stage calls timed inside it);
+    attention + MLP fit inside their layer."""
     _sp, rep = report
     for r in rep["rounds"]:
         lay = r["layers"]
@@ -109,6 +110,10 @@ def test_layers_see_the_stage_rows(report):
         else:
             assert all(a > b for a, b in zip(rows, rows[1:])), rows  # stages at 0, 1, 2, 3
             assert len(lay["selection"]) == 3
+            # the selections proper (one select_layer_stage per video) inside each boundary
+            assert len(lay["selection_calls"]) == 3
+            for (_n, outer), (_m, inner) in zip(lay["selection"], lay["selection_calls"]):
+                assert 0 < inner <= outer, (inner, outer)
 
 
 def test_timers_hold_hieravids_hooks_once():

@@ -40,8 +40,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from hieravid_vllm.core import HieraVidConfig  # noqa: E402
-from hieravid_vllm.core.dpp import (frame_level_select, greedy_map_batched,  # noqa: E402
-                                    kernel_features, relevance, segment_layout)
+from hieravid_vllm.core.dpp import frame_level_select, greedy_map_batched  # noqa: E402
 from hieravid_vllm.core.schedule import host_segment_lengths, segment_counts  # noqa: E402
 
 #: (boundary, visual tokens in, kept, DPP) per video: the 0.3 schedule of the bench preset's
@@ -75,18 +74,16 @@ def median_ms(fn, reps: int) -> float:
 
 
 def greedy_inputs(videos, target: int, cfg: HieraVidConfig, M: int):
-    """Per video, what ``frame_level_select`` hands the greedy: padded features, lengths,
-    counts, relevance weights."""
+    """Per video, what ``frame_level_select`` hands the greedy (padded features, lengths,
+    counts, relevance weights), captured through its ``greedy=`` hook; and the scale."""
     out = []
+
+    def capture(feats, lengths, ks, weights=None, scale=None, **kw):
+        out.append((feats, lengths, ks, weights, scale))
+        return greedy_map_batched(feats, lengths, ks, weights=weights, scale=scale, **kw)
     for h, q, seg in videos:
-        lh = host_segment_lengths(seg, M)
-        index, _ = segment_layout(seg, M, lengths=lh)
-        r = relevance(h, q, cfg.relevance_sign, cfg.relevance_source)
-        ks = segment_counts(h, seg, target, cfg, num_segments=M, lengths=lh)
-        valid, safe = index >= 0, index.clamp_min(0)
-        V, sc = kernel_features(h, cfg.dpp_kernel)
-        out.append((V[safe], lh, ks, torch.where(valid, r[safe], torch.zeros(()))))
-    return out, sc
+        frame_level_select(h, q, seg, target, cfg, True, M, greedy=capture)
+    return [o[:4] for o in out], out[0][4]
 
 
 def batched_greedy(inputs, sc: float, eps: float) -> torch.Tensor:

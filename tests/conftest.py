@@ -7,6 +7,7 @@
   suite's defaults (8 fps sampling, ``--max-model-len 4096``, log in the session's log folder,
   KV cache sized in bytes); the caller stops it;
 * ``debug_dir``: a fresh ``HIERAVID_DEBUG_DIR`` per module;
+* ``gen``: a ``torch.Generator`` seeded from the test's id (as the global generators below);
 * every test starts with torch's, numpy's and ``random``'s global generators seeded from its
   id (``_seeded_global_rngs``): a test that draws without its own seed still draws the same
   inputs on every run and machine, so a failure reproduces (``HIERAVID_TEST_SEED=N`` mixes N
@@ -64,6 +65,15 @@ def _seeded_global_rngs(request):
     np.random.seed(seed % (1 << 32))
     random.seed(seed)
     yield
+
+
+@pytest.fixture
+def gen(request):
+    """A torch.Generator seeded like the global ones (:func:`seed_of_test`): fresh inputs per
+    test, reproducible."""
+    import torch
+
+    return torch.Generator().manual_seed(seed_of_test(request.node.nodeid))
 
 
 @pytest.fixture(autouse=True, scope="session")

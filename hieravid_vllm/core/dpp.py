@@ -283,9 +283,10 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
         if len(lockstep) > 1:
             _greedy_map_host_lockstep(features, lengths_l, ks_l, lockstep, weights, sc, eps,
                                       rel_eps, fallback_scores, sel)
-        done = set(lockstep) if len(lockstep) > 1 else set()
+        else:
+            lockstep = []          # a single segment runs the plain host loop below
         for s, (ln, k) in enumerate(zip(lengths_l, ks_l)):
-            if k and s not in done:
+            if k and s not in lockstep:
                 one = slice(s, s + 1)
                 sel[s, :k] = greedy_map_batched(
                     features[one, :ln], lengths[one], ks[one],

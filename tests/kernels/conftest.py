@@ -51,13 +51,3 @@ def pytest_collection_modifyitems(config, items):
         if (str(item.fspath).startswith(here) and item.get_closest_marker("interpreter")
                 and item.name != SUBPROCESS_TEST):
             item.add_marker(pytest.mark.skip(reason=reason))
-
-
-@pytest.fixture
-def gen(request):
-    """A torch.Generator seeded from the test id (fresh inputs per test, reproducible)."""
-    import zlib
-
-    import torch
-    g = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    return g

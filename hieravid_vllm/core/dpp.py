@@ -456,30 +456,35 @@ def _greedy_map_host_lockstep(features: torch.Tensor, lengths: list, ks: list, s
     G.mul_(sc).mul_(w.unsqueeze(-1)).mul_(w.unsqueeze(1))
     Gn = G.numpy()
     cand = np.where(valid.numpy(), diag.numpy(), -np.inf).astype(Gn.dtype)
-    kvec = np.asarray(kk)
+    # per-segment scalars as (M, 1) columns, so that no step makes a broadcast view of them
+    tie, thr = tie[:, None], thr[:, None]
     c = np.zeros((kmax, M, n), dtype=Gn.dtype)
     out = np.full((M, kmax), -1, dtype=np.int64)
     ar = np.arange(M)
-    active = kvec > 0
-    picked = np.zeros(M, dtype=np.int64)
+    active = np.ones((M, 1), dtype=bool)     # every segment here picks (k > 0)
+    went = np.zeros((kmax, M, 1), dtype=bool)       # went[t]: the segments active at step t
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         for step in range(kmax):
-            mx = cand.max(axis=1)
-            active &= (mx >= thr) & (mx < math.inf) & (step < kvec)   # NaN: stops for good
+            mx = cand.max(axis=1, keepdims=True)
+            # no stop at a segment's own k: its first k picks do not depend on the steps
+            # after them, and ``picked`` >= k then skips the fallback
+            active &= (mx >= thr) & (mx < math.inf)   # NaN: stops for good
             if not active.any():
                 break
+            went[step] = active
             # every segment computes (views, no copies); only the active ones' picks count:
-            # a segment stops for good, so what an inactive one computes is never read
-            j = np.argmax(cand >= (mx - tie)[:, None], axis=1)
+            # a segment stops for good, so what an inactive one computes or writes into
+            # ``out`` past its last active step is never read (``picked`` bounds it)
+            j = np.argmax(cand >= mx - tie, axis=1)
             row = Gn[ar, j]
             if step:
                 row = row - np.einsum("sm,smn->mn", c[:step, ar, j], c[:step])
-            e = row / np.sqrt(mx)[:, None]
+            e = row / np.sqrt(mx)
             c[step] = e
             cand -= e * e
             cand[ar, j] = -math.inf
-            out[active, step] = j[active]
-            picked[active] = step + 1
+            out[:, step] = j
+    picked = went.sum(axis=0)[:, 0]
     res = torch.from_numpy(out)
     for i, s in enumerate(segs):
         k, m, ln = kk[i], int(picked[i]), lens[i]

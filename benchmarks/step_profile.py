@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -224,7 +225,7 @@ def run(args) -> dict:
         for cfg in args.configs:
             res = run_isolated(_run, cfg, args.budget, args.requests, args.max_tokens, frames,
                                args.preset, video_dir, args.kv_groups, args.layers,
-                               args.prefix_caching, getattr(args, "new_shapes", False),
+                               args.prefix_caching, args.new_shapes,
                                timeout=args.timeout)
             res.setdefault("config", cfg)
             res["round"] = r
@@ -294,7 +295,7 @@ def markdown(report: dict, machine: str) -> str:
                       f"{c} {e['per_step'].get('slot_mappings', float('nan')):.2f} / "
                       f"{e['per_step'].get('metadata_builds', float('nan')):.2f}"
                       for c, e in s.items()) + "."]
-    if any(e["new_row_counts"] == e["new_row_counts"] for e in s.values()):  # not NaN
+    if not all(math.isnan(e["new_row_counts"]) for e in s.values()):
         lines += ["", "Decoder-layer row counts of the prefill step that no earlier step of "
                   "the engine's process had (on vLLM's CPU backend each first builds its "
                   "oneDNN GEMM primitives): " + "; ".join(

@@ -139,6 +139,28 @@ def _shift_100_steps(lengths, keep, target):
     return lo
 
 
+def test_shift_estimate_lands_next_to_the_bisection():
+    """The piecewise-linear estimate the bisection brackets first (so that it evaluates the
+    sum near the crossing only) is within a few hundred ulps of the 100-step bisection's
+    shift on shifts away from 0, and None or close on the rest; a wrong slope or piece
+    would be off by far more."""
+    from hieravid_vllm.core.schedule import _shift_estimate
+    rnd = random.Random(11)
+    close = 0
+    for i in range(400):
+        M = rnd.choice([2, 3, 7, 9, 40])
+        lengths = torch.tensor([rnd.randint(1, 900) for _ in range(M)])
+        total = int(lengths.sum())
+        target = rnd.randint(1, total - 1)
+        keep = torch.tensor([rnd.uniform(-0.3, 1.3) for _ in range(M)], dtype=torch.float64)
+        tau = _shift_100_steps(lengths, keep, target)
+        est = _shift_estimate(lengths.double().numpy(), keep.numpy(), target)
+        assert est is not None, i   # integer lengths >= 1: every crossing piece has a slope
+        assert abs(est - tau) <= 1e-9 * max(1.0, abs(tau)), (i, est, tau)
+        close += abs(est - tau) <= 512 * np.spacing(max(abs(tau), 2.0 ** -20))
+    assert close >= 360, close
+
+
 def test_allocate_stops_bisection_early_with_the_same_shift():
     """The bisection stops once lo / hi are adjacent doubles: the shift is bit for bit the
     one of the full 100 steps, and the counts equal those (recomputed here from the shift of the original loop), for short and long

@@ -494,41 +494,90 @@ def profile_stage_selection(runner) -> Optional[tuple]:
     return n, target
 
 
-def _select_rows(plan: StepPlan, g: int, stream: torch.Tensor, seq_pos: torch.Tensor,
-                 req_of_row: torch.Tensor, seg_state: Dict[tuple, tuple],
-                 kept_log: Optional[dict]) -> torch.Tensor:
-    """Row indices (into the current rows) that stage ``g`` keeps, in order."""
-    n_rows = stream.shape[0]
-    keep_mask = torch.ones(n_rows, dtype=torch.bool, device=stream.device)
+def _video_rows(plan: StepPlan, h: int) -> List[tuple]:
+    """Where the selecting videos' rows lie in a stream that holds stage ``h``'s rows, from
+    the plan alone (host arithmetic, nothing read from the device).
+
+    A step's rows are its requests' scheduled tokens in order (``query_start_loc``), then
+    padding; a stage drops visual rows only, keeping the order. So a selecting video's
+    ``counts[h]`` visual rows are contiguous, starting at its offset's row minus the rows
+    dropped before it (earlier requests' videos and its request's earlier videos), and its
+    query rows (``visual_end`` .. the last prompt token, as :func:`_select_rows` reads them)
+    follow them. Returns ``(r, vi, v, a, n, q_end)`` per video in row order: visual rows
+    ``[a, a + n)``, query rows ``[a + n, q_end)``.
+    """
+    qsl = plan.query_start_loc
+    out = []
+    shift = 0                                     # rows dropped by earlier requests
     for r in plan.reqs:
-        if not r.selecting:  # rows of other requests (and CUDA-graph padding) are kept
+        if not r.selecting:
             continue
-        rows = torch.nonzero(req_of_row == r.index).flatten()
-        pos = seq_pos[rows]
-        last_prompt = r.num_prompt - 1
+        base = int(qsl[r.index]) - shift - r.start  # row of position p, before r's own drops
+        drop_all = sum(v.counts[0] - v.counts[h] for v in r.selecting)
+        q_end = base + r.num_prompt - drop_all      # one past the last prompt token's row
+        d = 0
         for vi, v in enumerate(r.selecting):
-            vis = (pos >= v.offset) & (pos < v.visual_end)
-            vrows = torch.nonzero(vis).flatten()
-            qrows = torch.nonzero((pos >= v.visual_end) & (pos <= last_prompt)).flatten()
-            key = (r.index, vi)
-            seg, nseg = seg_state[key]
-            hv = stream[rows[vrows]].float()
-            query = stream[rows[qrows]].float()
-            keep = select_layer_stage(hv, query, seg, v.counts[g], v.config,
-                                      use_dpp=bool(v.uses_dpp[g]), num_segments=nseg,
-                                      ops=_kernel_ops())
-            drop = torch.ones(vrows.numel(), dtype=torch.bool, device=stream.device)
-            drop[keep.to(stream.device)] = False
-            keep_mask[rows[vrows[drop]]] = False
-            seg_state[key] = (seg[keep.to(seg.device)], nseg)
-            if kept_log is not None:  # debug dump: what the selection saw and chose
-                kept_log.setdefault(v.mm_hash, []).append({
-                    "pos": (pos[vrows[keep.to(stream.device)]] - v.offset).cpu(),
-                    "hidden_visual": hv.cpu(), "query": query.cpu(), "segment_ids": seg.cpu(),
-                    "num_segments": nseg, "target": v.counts[g],
-                    "use_dpp": bool(v.uses_dpp[g]),
-                    "config": v.config.model_dump(mode="json")})
-    return torch.nonzero(keep_mask).flatten()
+            n = int(v.counts[h])
+            out.append((r, vi, v, base + v.offset - d, n, q_end))
+            d += v.counts[0] - n
+        shift += drop_all
+    return out
+
+
+def _rows(hidden: torch.Tensor, residual: Optional[torch.Tensor], a: int, b: int) -> torch.Tensor:
+    """Rows ``[a, b)`` of the residual stream (hidden + residual) as float32."""
+    x = hidden[a:b] if residual is None else hidden[a:b] + residual[a:b]
+    return x.float()
+
+
+def _select_rows(plan: StepPlan, g: int, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                 seg_state: Dict[tuple, tuple], vpos: Dict[tuple, torch.Tensor],
+                 kept_log: Optional[dict]) -> torch.Tensor:
+    """Row indices (into the current rows) that stage ``g`` keeps, ascending.
+
+    The rows of every video and its query come from the plan (:func:`_video_rows`): slices
+    of the stream, no per-row masks and no device read-back. The kept index is the host's
+    index of every other row (other requests, text, padding) with each video's kept
+    positions written into its place.
+    """
+    n_rows = hidden.shape[0]
+    dev = hidden.device
+    spans = _video_rows(plan, g - 1)
+    new_n = n_rows - sum(n - int(v.counts[g]) for _r, _vi, v, _a, n, _q in spans)
+    idx = np.empty(new_n, dtype=np.int64)
+    parts = []
+    src = dst = 0
+    for r, vi, v, a, n, q_end in spans:
+        key = (r.index, vi)
+        seg, nseg = seg_state[key]
+        hv = _rows(hidden, residual, a, a + n)
+        query = _rows(hidden, residual, a + n, q_end)
+        keep = select_layer_stage(hv, query, seg, v.counts[g], v.config,
+                                  use_dpp=bool(v.uses_dpp[g]), num_segments=nseg,
+                                  ops=_kernel_ops()).to(dev)
+        k = int(v.counts[g])
+        if keep.shape[0] != k:
+            raise RuntimeError(f"HieraVid: stage {g} kept {keep.shape[0]} tokens of a video, "
+                               f"its schedule says {k}")
+        idx[dst:dst + a - src] = np.arange(src, a)
+        dst += a - src
+        parts.append((dst, a, keep))
+        dst += k
+        src = a + n
+        seg_state[key] = (seg[keep.to(seg.device)], nseg)
+        if kept_log is not None:  # debug dump: what the selection saw and chose
+            vpos[key] = vpos[key][keep]
+            kept_log.setdefault(v.mm_hash, []).append({
+                "pos": vpos[key].cpu(),
+                "hidden_visual": hv.cpu(), "query": query.cpu(), "segment_ids": seg.cpu(),
+                "num_segments": nseg, "target": v.counts[g],
+                "use_dpp": bool(v.uses_dpp[g]),
+                "config": v.config.model_dump(mode="json")})
+    idx[dst:] = np.arange(src, n_rows)
+    out = torch.from_numpy(idx).to(dev, non_blocking=True)
+    for d0, a, keep in parts:
+        out[d0:d0 + keep.shape[0]] = keep + a
+    return out
 
 
 def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
@@ -544,40 +593,29 @@ def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
     residual = None
     n_total = hidden.shape[0]
     device = hidden.device
-    # request and sequence position of every row (rows past the step's tokens: padding, -1)
-    qsl = np.asarray(plan.query_start_loc, dtype=np.int64)
-    lens = np.diff(qsl)
-    req_np = np.full(n_total, -1, dtype=np.int64)
-    pos_np = np.zeros(n_total, dtype=np.int64)
-    n_real = int(qsl[-1])
-    req_np[:n_real] = np.repeat(np.arange(len(lens)), lens)
-    starts = np.fromiter((r.start for r in plan.reqs), dtype=np.int64, count=len(plan.reqs))
-    pos_np[:n_real] = starts[req_np[:n_real]] + np.arange(n_real) - qsl[:-1][req_np[:n_real]]
-    seq_pos = torch.from_numpy(pos_np).to(device)
-    req_of_row = torch.from_numpy(req_np).to(device)
-    orig_rows = torch.arange(n_total, device=device)
-    seg_state = {}
+    orig_rows = None                 # the step's row of every current row (None: identity)
+    seg_state, vpos = {}, {}
     for r in plan.reqs:
         for vi, v in enumerate(r.selecting):
-            seg, nseg = layouts[v.mm_hash]
-            seg_state[(r.index, vi)] = (seg, nseg)
+            seg_state[(r.index, vi)] = layouts[v.mm_hash]
+            if kept_log is not None:  # video-relative positions of its current rows
+                vpos[(r.index, vi)] = torch.arange(v.counts[0], device=device)
     boundaries = set(plan.boundaries[1:])
     g = 0
     for idx, layer in enumerate(text_model.layers[text_model.start_layer:text_model.end_layer],
                                 start=text_model.start_layer):
         if idx in boundaries:
             g += 1
-            stream = hidden if residual is None else hidden + residual
-            keep = _select_rows(plan, g, stream, seq_pos, req_of_row, seg_state, kept_log)
+            keep = _select_rows(plan, g, hidden, residual, seg_state, vpos, kept_log)
             hidden = hidden[keep]
             if residual is not None:
                 residual = residual[keep]
             positions = positions[..., keep]
-            seq_pos = seq_pos[keep]
-            req_of_row = req_of_row[keep]
-            orig_rows = orig_rows[keep]
+            orig_rows = keep if orig_rows is None else orig_rows[keep]
         hidden, residual = layer(positions, hidden, residual)
     hidden, _ = text_model.norm(hidden, residual)
+    if orig_rows is None:
+        return hidden
     out = hidden.new_zeros((n_total, hidden.shape[-1]))
     out[orig_rows] = hidden
     return out

@@ -13,6 +13,7 @@ import random
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 import pytest
 
 from hieravid_vllm.core import HieraVidConfig
@@ -275,3 +276,136 @@ def test_compacted_tokens_matches_token_simulation():
             for g in range(4):
                 assert fast.compact(g, n) == hstages.compacted_tokens(spans, g, n), (n, g)
     assert hstages.NO_SPANS.compact(2, 17) == 17
+
+
+# ---------------------------------------------------------------------------------------------
+# staged_forward's rows at the stage boundaries, against per-row masks by token position
+# ---------------------------------------------------------------------------------------------
+class _Layer:
+    """A decoder layer stand-in with vLLM's call convention (positions, hidden, residual):
+    mixes its rows' positions in, so that a wrong row or position changes the output."""
+
+    def __init__(self, gen, C):
+        self.w = torch.randn(C, C, generator=gen, dtype=torch.float64) / C ** 0.5
+
+    def __call__(self, positions, hidden, residual):
+        pos = positions.to(torch.float64).sum(0, keepdim=True).T * 1e-3
+        res = hidden if residual is None else hidden + residual
+        return torch.tanh(res @ self.w + pos), res
+
+
+class _TextModel:
+    def __init__(self, gen, C, num_layers):
+        self.layers = [_Layer(gen, C) for _ in range(num_layers)]
+        self.start_layer, self.end_layer = 0, num_layers
+
+    @staticmethod
+    def norm(hidden, residual):
+        return hidden + residual, None
+
+
+def _masked_forward(tm, plan, positions, embeds, layouts):
+    """The staged forward written with per-row masks: every row's request and position,
+    each video's visual rows and query rows (its end .. the last prompt token) found by
+    comparing positions at every boundary."""
+    from hieravid_vllm.core.pipeline import select_layer_stage
+
+    n_total = embeds.shape[0]
+    qsl = plan.query_start_loc
+    req = torch.full((n_total,), -1, dtype=torch.int64)
+    pos = torch.zeros(n_total, dtype=torch.int64)
+    for r in plan.reqs:
+        a, b = int(qsl[r.index]), int(qsl[r.index + 1])
+        req[a:b] = r.index
+        pos[a:b] = r.start + torch.arange(b - a)
+    rows = torch.arange(n_total)
+    seg = {(r.index, vi): layouts[v.mm_hash] for r in plan.reqs for vi, v in enumerate(r.selecting)}
+    kept_pos = {}
+    hidden, residual, g = embeds, None, 0
+    for li, layer in enumerate(tm.layers):
+        if li in plan.boundaries[1:]:
+            g += 1
+            stream = hidden if residual is None else hidden + residual
+            keep = torch.ones(hidden.shape[0], dtype=torch.bool)
+            cr, cp = req[rows], pos[rows]
+            for r in plan.reqs:
+                for vi, v in enumerate(r.selecting):
+                    vis = torch.nonzero((cr == r.index) & (cp >= v.offset)
+                                        & (cp < v.offset + v.counts[0])).flatten()
+                    q = (cr == r.index) & (cp >= v.offset + v.counts[0]) & (cp < r.num_prompt)
+                    s, nseg = seg[(r.index, vi)]
+                    kept = select_layer_stage(stream[vis].float(), stream[q].float(), s,
+                                              v.counts[g], v.config,
+                                              use_dpp=bool(v.uses_dpp[g]), num_segments=nseg)
+                    keep[vis] = False
+                    keep[vis[kept]] = True
+                    seg[(r.index, vi)] = (s[kept], nseg)
+                    kept_pos.setdefault(v.mm_hash, []).append(cp[vis[kept]] - v.offset)
+            hidden, rows, positions = hidden[keep], rows[keep], positions[..., keep]
+            residual = residual[keep]
+        hidden, residual = layer(positions, hidden, residual)
+    hidden, _ = tm.norm(hidden, residual)
+    out = hidden.new_zeros((n_total, hidden.shape[-1]))
+    out[rows] = hidden
+    return out, kept_pos
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_staged_forward_rows_match_position_masks(seed):
+    """Random steps: text-only requests, decodes of requests with videos, selecting requests
+    with one to three videos (some past a cached prefix, some with a trailing newline token,
+    some relevance over several query rows that include a later video's rows), padding rows.
+    The output rows and the tokens each stage keeps equal the mask-based forward's."""
+    from hieravid_vllm.core import HieraVidConfig
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    C, S = 16, 4
+    tm = _TextModel(gen, C, 6)
+    boundaries = [0, 1, 3, 5]
+    reqs, layouts, qsl = [], {}, [0]
+    n_reqs = rng.randint(2, 5)
+    must = rng.randrange(n_reqs)          # at least one request selects
+    for i in range(n_reqs):
+        kind = "select" if i == must else rng.choice(["text", "decode", "select"])
+        start, videos, selecting = rng.randint(0, 30), [], []
+        if kind == "text":
+            n_tok = rng.randint(1, 12)
+            num_prompt = start + n_tok
+        elif kind == "decode":
+            v = _video(rng.randint(0, 5), [20, 12, 8, 5], name=f"d{i}")
+            videos = [v]
+            start, n_tok, num_prompt = v.end + 10, 1, v.end + 5
+        else:
+            p = start + rng.randint(0, 4)
+            for j in range(rng.randint(1, 3)):
+                counts = _random_counts(rng, S)
+                counts[0] = max(counts[0], 6)
+                counts = sorted(counts, reverse=True)
+                cfg = HieraVidConfig(budget=0.3, relevance_source=rng.choice(["last", "mean"]))
+                v = VideoSpan(p, counts[0] + rng.randint(0, 1), tuple(counts),
+                              (False, False, True, True), f"v{i}-{j}", cfg)
+                videos.append(v)
+                nseg = rng.randint(1, 3)
+                layouts[v.mm_hash] = (torch.sort(torch.randint(0, nseg, (counts[0],),
+                                                               generator=gen)).values, nseg)
+                p = v.end + rng.randint(0, 5)
+            num_prompt = p + rng.randint(1, 4)
+            n_tok = num_prompt - start
+            selecting = list(videos)
+        r = _ReqPlan(i, start, n_tok, num_prompt, videos)
+        r.selecting = selecting
+        reqs.append(r)
+        qsl.append(qsl[-1] + n_tok)
+    n_real = qsl[-1]
+    n_total = n_real + rng.randint(0, 4)
+    plan = hstages.StepPlan(boundaries, reqs, n_real, np.asarray(qsl), True)
+    embeds = torch.randn(n_total, C, generator=gen, dtype=torch.float64)
+    positions = torch.randint(0, 1000, (3, n_total), generator=gen)
+    want, want_pos = _masked_forward(tm, plan, positions, embeds, layouts)
+    log = {}
+    got = hstages.staged_forward(tm, plan, positions, embeds, layouts, log)
+    assert torch.equal(got, want)
+    assert set(log) == set(want_pos)
+    for h, per_stage in log.items():
+        assert [d["pos"].tolist() for d in per_stage] == [p.tolist() for p in want_pos[h]]

@@ -17,11 +17,14 @@ attention, 1-D RoPE) and, side by side in one process,
   Triton kernels (``hieravid_kernels.OPS``), then ``schedule.input_target`` tokens everywhere;
 * ``hieravid full``: the input stage (merge, Eq. 1-3), then at the first layer of every later
   stage the frame-level selection (Eq. 4-11) on the residual stream, query = the last prompt
-  token, through ``core.pipeline.select_layer_stage(..., ops=hieravid_kernels.OPS)`` -- the
-  calls the vLLM stage hook makes -- and the following layers on the kept rows only.
+  token, through ``core.pipeline.select_layer_stage_many(..., ops=hieravid_kernels.OPS)`` with
+  the segment lengths tracked on the host -- the call the vLLM stage hook makes -- and the
+  following layers on the kept rows only.
 
 Times are wall-clock medians (host timer, device synchronised) of ``--reps`` runs after one
-warm-up, input stage and in-LLM selection included and also reported apart. The FLOPs column is
+warm-up. "prefill ms (all in)": the runs as served, nothing synchronised inside (the selection
+overlaps the layers still queued up to its one device read); the input-stage and in-LLM
+selection columns come from separate runs that synchronise the device around each of them. The FLOPs column is
 Eq. 12 for the same token counts (``core.flops``). Layer weights are random: the selections are
 real computations on real-sized tensors, not meaningful picks.
 """
@@ -49,7 +52,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from hieravid_vllm.core.config import HieraVidConfig  # noqa: E402
 from hieravid_vllm.core.flops import prefill_flops  # noqa: E402
-from hieravid_vllm.core.pipeline import prune_input_stage, select_layer_stage  # noqa: E402
+from hieravid_vllm.core.pipeline import (StageInput, prune_input_stage,  # noqa: E402
+                                         select_layer_stage_many)
 from hieravid_vllm.core.schedule import build_schedule, round_half_up  # noqa: E402
 
 BEGIN, END = "<!-- prefill-gpu:begin -->", "<!-- prefill-gpu:end -->"
@@ -111,13 +115,18 @@ def _sync(dev):
 def run_prompt(dec, pre, vis, post, vis_pos, post_pos, seg=None, sched=None, cfg=None, ops=None,
                dev=None, timings=None):
     """Prefill ``[pre, vis, post]``; with ``sched``: full mode's in-LLM stages (drop visual
-    rows at the first layer of every stage >= 1). Returns the last row and per-layer counts."""
+    rows at the first layer of every stage >= 1). Returns the last row and per-layer counts.
+    ``timings``: synchronise around each selection and add its time to ``timings["select"]``
+    (None: nothing synchronised, as served)."""
     n_pre, n_post = pre.shape[0], post.shape[0]
     h = torch.cat([pre, vis, post])
     pos = torch.cat([torch.arange(n_pre, device=h.device), vis_pos, post_pos])
     cos, sin = dec.rope(pos)
     starts = set(sched.boundaries[1:len(sched.counts)]) if sched is not None else set()
     stage, counts = 0, []
+    lengths = None
+    if sched is not None:   # tokens per segment on the host, once (the engine: at the encoder)
+        lengths = torch.bincount(seg.to("cpu", torch.int64))
     for i in range(dec.L):
         if i in starts:
             stage += 1
@@ -125,10 +134,11 @@ def run_prompt(dec, pre, vis, post, vis_pos, post_pos, seg=None, sched=None, cfg
                 _sync(dev)             # the layers queued so far are not selection time
             t0 = time.perf_counter()
             nv = h.shape[0] - n_pre - n_post
-            args = (h[n_pre:n_pre + nv], h[-1], seg, sched.counts[stage], cfg)
-            keep = select_layer_stage(*args, use_dpp=sched.uses_dpp[stage], ops=ops)
+            inp = StageInput(h[n_pre:n_pre + nv], h[-1], seg, sched.counts[stage], cfg,
+                             bool(sched.uses_dpp[stage]), lengths.shape[0], lengths)
+            [(keep, lengths)] = select_layer_stage_many([inp], ops=ops)
             if timings is not None and "calls" in timings:      # --profile: keep the inputs
-                timings["calls"].append((args, sched.uses_dpp[stage]))
+                timings["calls"].append(inp)
             rows = torch.cat([torch.arange(n_pre, device=h.device), keep + n_pre,
                               torch.arange(n_pre + nv, h.shape[0], device=h.device)])
             h, cos, sin, seg = h[rows], cos[rows], sin[rows], seg[keep]
@@ -141,7 +151,7 @@ def run_prompt(dec, pre, vis, post, vis_pos, post_pos, seg=None, sched=None, cfg
 
 
 def profile_selection(feats, pre, post, all_pos, post_pos, dec, budgets, ops, dev, S):
-    """torch.profiler tables of full mode's in-LLM selections (the select_layer_stage calls of
+    """torch.profiler tables of full mode's in-LLM selections (the select_layer_stage_many calls of
     one prompt, replayed on their recorded inputs): where their time goes."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -153,23 +163,23 @@ def profile_selection(feats, pre, post, all_pos, post_pos, dec, budgets, ops, de
                    seg=res.segment_ids, sched=res.schedule, cfg=cfg, ops=ops, dev=dev,
                    timings=t)
         same = 0
-        for args, use_dpp in t["calls"]:           # warm, and kernels vs the torch reference
-            got = select_layer_stage(*args, use_dpp=use_dpp, ops=ops)
-            same += int(torch.equal(got, select_layer_stage(*args, use_dpp=use_dpp)))
+        for inp in t["calls"]:                      # warm, and kernels vs the torch reference
+            got = select_layer_stage_many([inp], ops=ops)[0][0]
+            same += int(torch.equal(got, select_layer_stage_many([inp])[0][0]))
         print(f"\nfull mode {b}: {same}/{len(t['calls'])} selections keep the same tokens as "
               "the torch reference (core.pipeline.REFERENCE_OPS)")
         _sync(dev)
         with profile(activities=acts) as prof:
-            for args, use_dpp in t["calls"]:
-                select_layer_stage(*args, use_dpp=use_dpp, ops=ops)
+            for inp in t["calls"]:
+                select_layer_stage_many([inp], ops=ops)
             _sync(dev)
         import cProfile
         import io
         import pstats
         cp = cProfile.Profile()
         cp.enable()
-        for args, use_dpp in t["calls"]:
-            select_layer_stage(*args, use_dpp=use_dpp, ops=ops)
+        for inp in t["calls"]:
+            select_layer_stage_many([inp], ops=ops)
         _sync(dev)
         cp.disable()
         buf = io.StringIO()
@@ -200,8 +210,8 @@ def bench(shape: str, budgets, reps: int, dev, dtype, seed: int = 0, split_off: 
     torch.manual_seed(seed)
     flat = feats.reshape(N, -1)
 
-    def timed(fn):
-        out = {"select": 0.0, "input": 0.0}
+    def timed(fn, parts=False):
+        out = {"select": 0.0, "input": 0.0, "timed": parts}
         _sync(dev)
         t0 = time.perf_counter()
         counts = fn(out)
@@ -210,10 +220,14 @@ def bench(shape: str, budgets, reps: int, dev, dtype, seed: int = 0, split_off: 
         out["counts"] = counts
         return out
 
-    def median_of(fn):
-        fn({"select": 0.0, "input": 0.0})           # warm-up (kernel compiles, allocator)
+    def median_of(fn, parts=False):
+        """Medians of the runs as served (``total``) and, with ``parts``, of as many separate
+        runs that synchronise the device around the input stage and each selection."""
+        fn({"select": 0.0, "input": 0.0, "timed": parts})   # warm-up (compiles, allocator)
         runs = [timed(fn) for _ in range(reps)]
-        return {k: statistics.median(r[k] for r in runs) for k in ("total", "select", "input")} \
+        timed_runs = [timed(fn, True) for _ in range(reps)] if parts else runs
+        return {"total": statistics.median(r["total"] for r in runs)} \
+            | {k: statistics.median(r[k] for r in timed_runs) for k in ("select", "input")} \
             | {"counts": runs[-1]["counts"]}
 
     rows = [("unpruned", "-", median_of(
@@ -231,17 +245,20 @@ def bench(shape: str, budgets, reps: int, dev, dtype, seed: int = 0, split_off: 
                 t0 = time.perf_counter()
                 res = prune_input_stage(feats, post[-1] if mode == "input_only" else None, cfg,
                                         S["L"], ops=ops)
-                _sync(dev)
-                t["input"] += time.perf_counter() - t0
+                if t["timed"]:
+                    _sync(dev)
+                    t["input"] += time.perf_counter() - t0
                 sched = res.schedule if mode == "full" else None
                 return run_prompt(dec, pre, res.features.to(dtype), post,
                                   all_pos[res.kept_indices], post_pos, seg=res.segment_ids, sched=sched,
-                                  cfg=cfg, ops=ops, dev=dev, timings=t)[1]
+                                  cfg=cfg, ops=ops, dev=dev,
+                                  timings=t if t["timed"] else None)[1]
             sched = build_schedule(cfg, N, S["L"], max_merge=(T - 1) * Hh * Ww)
-            rows.append((f"hieravid {b} {mode}", sched, median_of(hv)))
+            rows.append((f"hieravid {b} {mode}", sched, median_of(hv, parts=True)))
             if split_off:   # the greedy MAP with one program per segment (the old default)
                 with mock.patch.dict(os.environ, {ENV_SPLIT: "off"}):
-                    rows.append((f"hieravid {b} {mode} (DPP split off)", sched, median_of(hv)))
+                    rows.append((f"hieravid {b} {mode} (DPP split off)", sched,
+                                 median_of(hv, parts=True)))
     if profile:
         profile_selection(feats, pre, post, all_pos, post_pos, dec, budgets, ops, dev, S)
     base = rows[0][2]["total"]

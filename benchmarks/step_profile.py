@@ -108,9 +108,9 @@ def _run(config: str, budget: float, n_req: int, max_tokens: int, frames, preset
                             (qwen2.Qwen2Attention, "attention", 2), (qwen2.Qwen2MLP, "mlp", 1)):
             _time_calls(cls, "forward", lambda a, k, sec, key=key, i=i: per_call[key].append(
                 (int(k.get("hidden_states", a[i] if len(a) > i else None).shape[0]), sec)))
-        # the selection proper (select_layer_stage, one call per video) inside each
-        # boundary's _select_rows: the rest is the row bookkeeping around it
-        _time_calls(stages, "select_layer_stage",
+        # the selection proper (select_layer_stage_many, all videos of the boundary) inside
+        # each boundary's _select_rows: the rest is the row bookkeeping around it
+        _time_calls(stages, "select_layer_stage_many",
                     lambda a, k, sec: per_call["select_calls"].append((0, sec)))
 
         def _boundary(a, k, sec):  # the boundary's calls: the ones since the last boundary

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from hieravid_vllm.core import HieraVidConfig
-from hieravid_vllm.core.pipeline import select_layer_stage
+from hieravid_vllm.core.pipeline import StageInput, select_layer_stage, select_layer_stage_many
 
 logger = logging.getLogger("vllm.hieravid_vllm")
 
@@ -544,17 +544,20 @@ def _select_rows(plan: StepPlan, g: int, hidden: torch.Tensor, residual: Optiona
     dev = hidden.device
     spans = _video_rows(plan, g - 1)
     new_n = n_rows - sum(n - int(v.counts[g]) for _r, _vi, v, _a, n, _q in spans)
+    inputs = []
+    for r, vi, v, a, n, q_end in spans:
+        seg, nseg, lengths = seg_state[(r.index, vi)]
+        inputs.append(StageInput(_rows(hidden, residual, a, a + n),
+                                 _rows(hidden, residual, a + n, q_end), seg, v.counts[g],
+                                 v.config, bool(v.uses_dpp[g]), nseg, lengths))
+    # every video of the boundary at once: one device read (the Eq. 4 segment sums)
+    results = select_layer_stage_many(inputs, ops=_kernel_ops())
     idx = np.empty(new_n, dtype=np.int64)
     parts = []
     src = dst = 0
-    for r, vi, v, a, n, q_end in spans:
+    for (r, vi, v, a, n, q_end), inp, (keep, counts) in zip(spans, inputs, results):
         key = (r.index, vi)
-        seg, nseg = seg_state[key]
-        hv = _rows(hidden, residual, a, a + n)
-        query = _rows(hidden, residual, a + n, q_end)
-        keep = select_layer_stage(hv, query, seg, v.counts[g], v.config,
-                                  use_dpp=bool(v.uses_dpp[g]), num_segments=nseg,
-                                  ops=_kernel_ops()).to(dev)
+        keep = keep.to(dev)
         k = int(v.counts[g])
         if keep.shape[0] != k:
             raise RuntimeError(f"HieraVid: stage {g} kept {keep.shape[0]} tokens of a video, "
@@ -564,13 +567,14 @@ def _select_rows(plan: StepPlan, g: int, hidden: torch.Tensor, residual: Optiona
         parts.append((dst, a, keep))
         dst += k
         src = a + n
-        seg_state[key] = (seg[keep.to(seg.device)], nseg)
+        seg, nseg = inp.segment_ids, inp.num_segments
+        seg_state[key] = (seg[keep.to(seg.device)], nseg, counts)
         if kept_log is not None:  # debug dump: what the selection saw and chose
             vpos[key] = vpos[key][keep]
             kept_log.setdefault(v.mm_hash, []).append({
                 "pos": vpos[key].cpu(),
-                "hidden_visual": hv.cpu(), "query": query.cpu(), "segment_ids": seg.cpu(),
-                "num_segments": nseg, "target": v.counts[g],
+                "hidden_visual": inp.hidden.cpu(), "query": inp.query.cpu(),
+                "segment_ids": seg.cpu(), "num_segments": nseg, "target": v.counts[g],
                 "use_dpp": bool(v.uses_dpp[g]),
                 "config": v.config.model_dump(mode="json")})
     idx[dst:] = np.arange(src, n_rows)
@@ -586,7 +590,8 @@ def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
     """Qwen2-style decoder forward with HieraVid stage boundaries (see module docstring).
 
     ``text_model``: vLLM's ``Qwen2Model`` (``layers``, ``norm``); ``layouts``: mm_hash ->
-    (segment_ids, num_segments) of every selecting video (from the input stage).
+    (segment_ids, num_segments[, tokens per segment on the host]) of every selecting video
+    (from the input stage; with the lengths, no stage reads the segment ids back).
     Returns hidden states for all of the step's rows (rows dropped at a boundary are zero).
     """
     hidden = inputs_embeds
@@ -597,7 +602,8 @@ def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
     seg_state, vpos = {}, {}
     for r in plan.reqs:
         for vi, v in enumerate(r.selecting):
-            seg_state[(r.index, vi)] = layouts[v.mm_hash]
+            lay = layouts[v.mm_hash]
+            seg_state[(r.index, vi)] = (lay[0], lay[1], lay[2] if len(lay) > 2 else None)
             if kept_log is not None:  # video-relative positions of its current rows
                 vpos[(r.index, vi)] = torch.arange(v.counts[0], device=device)
     boundaries = set(plan.boundaries[1:])
@@ -632,7 +638,8 @@ class StageState:
     """A worker's HieraVid stage state, owned by the model, each part freed on vLLM's own
     lifecycle events (fed by the runner patch :mod:`hieravid_vllm.patches.worker.stage_state`):
 
-    * ``layouts``: the input stage's (segment_ids, num_segments, kept_indices) of a video, per
+    * ``layouts``: the input stage's (segment_ids, num_segments, kept_indices, tokens per
+      segment on the host) of a video, per
       encoder-cache entry (``mm_hash``). ``embed_multimodal`` hands each video's layout in
       with its output row (:meth:`add_output`); the runner pairs the row with its ``mm_hash``
       when it caches it (:meth:`cache_output`) and frees it with the encoder-cache entry
@@ -722,8 +729,12 @@ class HieraVidStagesMixin:
     def hieravid_add_video_output(self, row: torch.Tensor, res) -> None:
         """Record the input-stage layout of a video's output row (full mode only)."""
         if self.hieravid_stages_enabled:
+            # tokens per segment on the host, read here (the encoder step) once per video, so
+            # that no stage boundary reads the segment ids back mid-forward
+            lengths = torch.bincount(res.segment_ids.to("cpu", torch.int64),
+                                     minlength=res.num_segments)[:res.num_segments]
             self.hieravid_state.add_output(row, (res.segment_ids, res.num_segments,
-                                                 res.kept_indices))
+                                                 res.kept_indices, lengths))
 
     def hieravid_request_videos(self, state) -> List[VideoSpan]:
         """The pruned videos of a request (worker side, from its multimodal features)."""
@@ -779,7 +790,7 @@ class HieraVidStagesMixin:
         debug_dir = os.environ.get(DEBUG_DIR_ENV)
         kept_log = {} if debug_dir else None
         out = staged_forward(text_model, plan, positions, inputs_embeds,
-                             {h: (l[0], l[1]) for h, l in layouts.items()}, kept_log)
+                             {h: (l[0], l[1], l[3]) for h, l in layouts.items()}, kept_log)
         if kept_log:
             _dump_stages(debug_dir, kept_log, layouts)
         return out

@@ -9,7 +9,8 @@ default of ``"auto"``):
 * :func:`merge_static_tokens` -- Eq. 3 static-token merging -> ``MergeResult``
 * :func:`greedy_map_batched` / :func:`greedy_map` -- fast greedy MAP of the (relevance-weighted)
   DPP, all segments in one launch
-* :func:`frame_level_select` -- one frame-level pruning stage using the batched greedy MAP
+* :func:`frame_level_select` -- one frame-level pruning stage using the batched greedy MAP;
+  :func:`frame_level_select_many` -- the videos of one stage boundary, one device read
 * :data:`OPS` -- the three dispatches above as the ``ops`` of
   :func:`hieravid_vllm.core.pipeline.prune_input_stage` / ``select_layer_stage`` (what the
   vLLM plugin passes: the serving path calls only these dispatches)
@@ -21,7 +22,7 @@ from ._utils import HAS_TRITON, interpreter_ready, poisoned_outputs
 from .dpp import (gram_triton, greedy_map, greedy_map_batched, greedy_map_batched_triton,
                   greedy_map_explicit_triton)
 from .merge import merge_static_tokens, merge_static_tokens_triton
-from .select import frame_level_select
+from .select import frame_level_select, frame_level_select_many
 from .similarity import similarity_map, similarity_map_triton
 
 
@@ -34,6 +35,7 @@ class DispatchOps:
     similarity_map = staticmethod(similarity_map)
     merge_static_tokens = staticmethod(merge_static_tokens)
     frame_level_select = staticmethod(frame_level_select)
+    frame_level_select_many = staticmethod(frame_level_select_many)
 
     def __repr__(self) -> str:
         return "hieravid_kernels.OPS"
@@ -47,6 +49,6 @@ __all__ = [
     "merge_static_tokens", "merge_static_tokens_triton",
     "greedy_map_batched", "greedy_map", "greedy_map_batched_triton",
     "greedy_map_explicit_triton", "gram_triton",
-    "frame_level_select",
+    "frame_level_select", "frame_level_select_many",
     "DispatchOps", "OPS",
 ]

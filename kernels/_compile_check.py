@@ -48,12 +48,13 @@ def _variants():
                     {"HAS_FSEG": has_fseg, "BLOCK_T": bt, "BLOCK_P": bp}, 8))
     sig = {"G": "*fp32", "H": "*bf16", "W": "*fp32", "FB": "*fp32", "LENGTHS": "*i64",
            "KS": "*i64", "SEL": "*i64", "CBUF": "*fp32", "D2": "*fp32", "FBBUF": "*fp32",
-           "n_max": "i32", "k_max": "i32", "C": "i32", "scale": "fp32", "eps": "fp32",
+           "RUN_IF": "*i32", "n_max": "i32", "k_max": "i32", "C": "i32", "scale": "fp32", "eps": "fp32",
            "rel_eps": "fp32", "s_hs": "i32", "s_hn": "i32", "s_ws": "i32", "s_fs": "i32"}
-    for from_gram, has_fb, bn in ((True, True, 256), (True, False, 256), (False, True, 128)):
+    for from_gram, has_fb, bn, cond in ((True, True, 256, False), (True, False, 256, False),
+                                        (False, True, 128, False), (True, True, 256, True)):
         out.append((dpp._greedy_kernel, sig,
                     {"FROM_GRAM": from_gram, "HAS_W": not from_gram, "HAS_FB": has_fb,
-                     "BLOCK_N": bn, "BLOCK_S": 32, "BLOCK_C": 32}, 8))
+                     "CONDITIONAL": cond, "BLOCK_N": bn, "BLOCK_S": 32, "BLOCK_C": 32}, 8))
     from . import dpp_coop
     coop = {"G": "*fp32", "FB": "*fp32", "LENGTHS": "*i64", "KS": "*i64", "SEL": "*i64",
             "CBUF": "*fp32", "D2": "*fp32", "SLOTV": "*fp32", "SLOTI": "*i32", "BAR": "*i32",

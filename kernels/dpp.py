@@ -261,12 +261,19 @@ def _fill_rest(SELP, D, FBP, n, step, k, k_max, offs, soffs,
         tl.store(SELP + sidx, tl.full([BLOCK_S], -1, tl.int64), mask=sidx < k_max)
 
 
-def _greedy_kernel(G, H, W, FB, LENGTHS, KS, SEL, CBUF, D2, FBBUF,
+def _greedy_kernel(G, H, W, FB, LENGTHS, KS, SEL, CBUF, D2, FBBUF, RUN_IF,
                    n_max, k_max, C, scale, eps, rel_eps,
                    s_hs, s_hn, s_ws, s_fs,
                    FROM_GRAM: tl.constexpr, HAS_W: tl.constexpr, HAS_FB: tl.constexpr,
+                   CONDITIONAL: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program = one segment: the whole greedy MAP of that segment (see module doc)."""
+    """One program = one segment: the whole greedy MAP of that segment (see module doc).
+    ``CONDITIONAL``: the multi-program kernel's fallback, decided on the device -- every
+    program returns at once unless the int32 flag ``RUN_IF`` is set (the multi-program launch
+    could not run all its programs at once), so the host never reads the flag."""
+    if CONDITIONAL:
+        if tl.load(RUN_IF) == 0:
+            return
     seg = tl.program_id(0).to(tl.int64)
     n = tl.load(LENGTHS + seg).to(tl.int32)
     k = tl.load(KS + seg).to(tl.int32)
@@ -398,10 +405,12 @@ def gram_triton(features: torch.Tensor, lengths: torch.Tensor,
 
 
 def _launch_greedy(G, H, W, FB, lengths, ks, k_max, n_max, C, scale, eps, rel_eps,
-                   from_gram, block_n, block_s, block_c, num_warps):
+                   from_gram, block_n, block_s, block_c, num_warps, out=None, run_if=None):
+    """One program per segment. ``out``: the (S, k_max) output to write (default: a new
+    one); ``run_if``: an int32 device flag, the launch does nothing unless it is set."""
     S = lengths.shape[0]
     dev = lengths.device
-    sel = empty((S, k_max), torch.int64, dev)
+    sel = empty((S, k_max), torch.int64, dev) if out is None else out
     cbuf = empty((S, k_max, n_max), torch.float32, dev)
     d2 = empty((S, n_max), torch.float32, dev)
     has_fb = FB is not None
@@ -417,11 +426,12 @@ def _launch_greedy(G, H, W, FB, lengths, ks, k_max, n_max, C, scale, eps, rel_ep
     build(_greedy_kernel, dev)[(S,)](
         G if from_gram else dummy, H if not from_gram else dummy,
         W if W is not None else dummy, FB if has_fb else dummy,
-        lengths, ks, sel, cbuf, d2, fbbuf,
+        lengths, ks, sel, cbuf, d2, fbbuf, run_if if run_if is not None else lengths,
         n_max, k_max, C, float(scale), float(eps), float(rel_eps),
         H.stride(0) if H is not None else 0, H.stride(1) if H is not None else 0,
         W.stride(0) if W is not None else 0, FB.stride(0) if has_fb else 0,
         FROM_GRAM=from_gram, HAS_W=W is not None, HAS_FB=has_fb,
+        CONDITIONAL=run_if is not None,
         BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_C=block_c, **_kw(dev, num_warps))
     return sel
 
@@ -444,7 +454,8 @@ def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks:
                               block_c: Optional[int] = None,
                               num_warps: int = 8,
                               split: Optional[Union[int, str]] = "default",
-                              max_spins: Optional[int] = None) -> torch.Tensor:
+                              max_spins: Optional[int] = None,
+                              read_flag: bool = True) -> torch.Tensor:
     """Triton path of :func:`greedy_map_batched` (any device: CPU runs the interpreter).
 
     ``k_max`` (= max(ks), optional) and ``check=False`` avoid the host synchronisations (the
@@ -452,8 +463,12 @@ def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks:
     fp32 matrices fit ``gram_limit_bytes``. ``split`` (Gram path only): split every segment
     over that many programs (``"auto"``: as many as the SMs allow) with a per-step barrier
     between them (:mod:`hieravid_kernels.dpp_coop`); falls back to one program per segment when
-    they cannot all run at once (this check reads a flag back: one sync). ``None``: one
-    program per segment; ``"default"``: :func:`default_split` (``"auto"`` on CUDA)."""
+    they cannot all run at once (this check reads a flag back: one sync, and a warning;
+    ``read_flag=False``: no read, the single-program fallback is launched behind it and runs
+    only if the device flag says so -- what the serving path's stages use, so that the greedy
+    never waits for the device). ``None``: one program per segment; ``"default"``:
+    :func:`default_split` (``"auto"`` on CUDA). Host ``lengths`` / ``ks`` are copied to the
+    device without a stream sync."""
     if features.dim() != 3:
         raise ValueError(f"features must be (S, n_max, C), got {tuple(features.shape)}")
     S, n_max, C = features.shape
@@ -465,8 +480,8 @@ def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks:
     if k_max is None:
         k_max = int(ks.max()) if S else 0
     k_max = int(k_max)
-    lengths = lengths.to(dev, torch.int64).contiguous()
-    ks = ks.to(dev, torch.int64).contiguous()
+    lengths = lengths.to(dev, torch.int64, non_blocking=True).contiguous()
+    ks = ks.to(dev, torch.int64, non_blocking=True).contiguous()
     if k_max == 0 or S == 0:
         return torch.full((S, k_max), -1, dtype=torch.int64, device=dev)
     sc = (1.0 / C) if scale is None else float(scale)
@@ -482,10 +497,16 @@ def greedy_map_batched_triton(features: torch.Tensor, lengths: torch.Tensor, ks:
         G = gram_triton(H, lengths, W, sc)
         if split is not None:
             from .dpp_coop import launch_coop
-            sel = launch_coop(G, FB, lengths, ks, k_max, n_max, eps, _rel_eps(rel_eps), split,
-                              block_n=block_n, block_s=block_s, max_spins=max_spins)
-            if sel is not None:
-                return sel
+            res = launch_coop(G, FB, lengths, ks, k_max, n_max, eps, _rel_eps(rel_eps), split,
+                              block_n=block_n, block_s=block_s, max_spins=max_spins,
+                              read_flag=read_flag)
+            if res is not None and read_flag:
+                return res
+            if res is not None:        # the fallback, decided on the device by the flag
+                sel, err = res
+                return _launch_greedy(G, None, None, FB, lengths, ks, k_max, n_max, C, sc,
+                                      eps, _rel_eps(rel_eps), True, block_n, block_s, block_c,
+                                      num_warps, out=sel, run_if=err)
         return _launch_greedy(G, None, None, FB, lengths, ks, k_max, n_max, C, sc, eps,
                               _rel_eps(rel_eps), True, block_n, block_s, block_c, num_warps)
     return _launch_greedy(None, H, W, FB, lengths, ks, k_max, n_max, C, sc, eps,

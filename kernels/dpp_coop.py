@@ -171,9 +171,13 @@ def launch_coop(G: torch.Tensor, FB: Optional[torch.Tensor], lengths: torch.Tens
                 ks: torch.Tensor, k_max: int, n_max: int, eps: float, rel_eps: float,
                 split: Union[int, str], block_n: Optional[int] = None,
                 block_s: Optional[int] = None, num_warps: int = 4,
-                max_spins: Optional[int] = None) -> Optional[torch.Tensor]:
+                max_spins: Optional[int] = None, read_flag: bool = True):
     """Launch the multi-program greedy on Gram matrices ``G``. Returns (S, k_max) selections,
-    or None when the programs could not all run at once (the caller falls back)."""
+    or None when the programs could not all run at once (the caller falls back): known on
+    the host before the launch (more segments than SMs), or from the kernel's error flag,
+    read back (one sync). ``read_flag=False``: the flag is not read; returns (selections,
+    flag) -- an int32 device tensor, nonzero when the selections are invalid and the caller
+    must fall back (on the device) -- or None in the first case."""
     S = lengths.shape[0]
     dev = G.device
     gpu = dev.type != "cpu"
@@ -208,6 +212,8 @@ def launch_coop(G: torch.Tensor, FB: Optional[torch.Tensor], lengths: torch.Tens
         G, FB, lengths, ks, sel, cbuf, d2, slotv, sloti, bar, err,
         n_max, k_max, float(eps), float(rel_eps), int(max_spins), P, span,
         BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_P=max(2, next_pow2(P)), **kw)
+    if not read_flag:
+        return sel, err
     if int(err.item()):
         warnings.warn(f"greedy MAP: the {P} programs per segment could not all run at once; "
                       "falling back to one program per segment", RuntimeWarning)

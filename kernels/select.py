@@ -4,6 +4,10 @@
 per-segment counts, padded segment layout, greedy MAP or relevance top-k) with its batched greedy
 MAP replaced by the dispatch :func:`hieravid_kernels.greedy_map_batched` (Triton on CUDA
 tensors): one implementation of the stage, two greedy MAP backends.
+:func:`frame_level_select_many` is the same for the videos of one stage boundary, with one
+device read for all of them (:func:`hieravid_vllm.core.dpp.frame_level_select_many`); its
+greedy launches never read anything back (``read_flag=False``: the multi-program kernel's
+fallback is decided on the device).
 """
 import functools
 from typing import Optional
@@ -12,7 +16,14 @@ import torch
 
 from .dpp import greedy_map_batched
 
-__all__ = ["frame_level_select"]
+__all__ = ["frame_level_select", "frame_level_select_many"]
+
+
+def _greedy(backend: str, split, read_flag: bool = True):
+    kw = {} if split is None else {"split": split}
+    if not read_flag:
+        kw["read_flag"] = False
+    return functools.partial(greedy_map_batched, backend=backend, **kw)
 
 
 def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
@@ -26,7 +37,15 @@ def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
     from hieravid_vllm.core.config import HieraVidConfig
     from hieravid_vllm.core.dpp import frame_level_select as core_select
 
-    kw = {} if split is None else {"split": split}
-    greedy = functools.partial(greedy_map_batched, backend=backend, **kw)
     return core_select(hidden, query, segment_ids, target, HieraVidConfig.coerce(config),
-                       use_dpp=use_dpp, num_segments=num_segments, greedy=greedy)
+                       use_dpp=use_dpp, num_segments=num_segments,
+                       greedy=_greedy(backend, split))
+
+
+def frame_level_select_many(inputs, *, backend: str = "auto", split=None):
+    """:func:`frame_level_select` on the videos of one stage boundary (a sequence of
+    :class:`hieravid_vllm.core.dpp.StageInput`): per video (kept positions, kept tokens per
+    segment on the host), one device read for all of them."""
+    from hieravid_vllm.core.dpp import frame_level_select_many as core_many
+
+    return core_many(inputs, greedy=_greedy(backend, split, read_flag=False))

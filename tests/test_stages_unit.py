@@ -319,7 +319,8 @@ def _masked_forward(tm, plan, positions, embeds, layouts):
         req[a:b] = r.index
         pos[a:b] = r.start + torch.arange(b - a)
     rows = torch.arange(n_total)
-    seg = {(r.index, vi): layouts[v.mm_hash] for r in plan.reqs for vi, v in enumerate(r.selecting)}
+    seg = {(r.index, vi): layouts[v.mm_hash][:2] for r in plan.reqs
+           for vi, v in enumerate(r.selecting)}
     kept_pos = {}
     hidden, residual, g = embeds, None, 0
     for li, layer in enumerate(tm.layers):
@@ -387,8 +388,10 @@ def test_staged_forward_rows_match_position_masks(seed):
                               (False, False, True, True), f"v{i}-{j}", cfg)
                 videos.append(v)
                 nseg = rng.randint(1, 3)
-                layouts[v.mm_hash] = (torch.sort(torch.randint(0, nseg, (counts[0],),
-                                                               generator=gen)).values, nseg)
+                ids = torch.sort(torch.randint(0, nseg, (counts[0],), generator=gen)).values
+                # with host lengths (as the engine passes them) or without (read from the ids)
+                layouts[v.mm_hash] = ((ids, nseg, torch.bincount(ids, minlength=nseg))
+                                      if rng.random() < 0.5 else (ids, nseg))
                 p = v.end + rng.randint(0, 5)
             num_prompt = p + rng.randint(1, 4)
             n_tok = num_prompt - start

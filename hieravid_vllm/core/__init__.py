@@ -8,7 +8,8 @@ from .dpp import (block_diagonal_kernel, dpp_kernel, frame_level_select, greedy_
                   greedy_map_batched, relevance, segment_layout)
 from .flops import (DEFAULT_TEXT_TOKENS, QWEN2_7B, ModelSpec, flops_ratio, hieravid_flops,
                     layer_flops, prefill_flops, vanilla_flops)
-from .pipeline import InputStageResult, prune_input_stage, select_layer_stage
+from .pipeline import (InputStageResult, StageInput, prune_input_stage, select_layer_stage,
+                       select_layer_stage_many)
 from .schedule import (StageSchedule, allocate_segment_counts, build_schedule, segment_counts,
                        segment_scores, stage_retention)
 from .segment import (MergeResult, frame_segments, merge_static_tokens, overlap_ratio,
@@ -20,7 +21,8 @@ __all__ = [
     "greedy_map_batched", "relevance", "segment_layout",
     "DEFAULT_TEXT_TOKENS", "QWEN2_7B", "ModelSpec", "flops_ratio", "hieravid_flops",
     "layer_flops", "prefill_flops", "vanilla_flops",
-    "InputStageResult", "prune_input_stage", "select_layer_stage",
+    "InputStageResult", "StageInput", "prune_input_stage", "select_layer_stage",
+    "select_layer_stage_many",
     "StageSchedule", "allocate_segment_counts", "build_schedule", "segment_counts",
     "segment_scores", "stage_retention",
     "MergeResult", "frame_segments", "merge_static_tokens", "overlap_ratio",

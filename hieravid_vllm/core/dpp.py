@@ -38,7 +38,8 @@ indices are always returned.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -53,6 +54,8 @@ __all__ = [
     "greedy_map_batched",
     "segment_layout",
     "frame_level_select",
+    "frame_level_select_many",
+    "StageInput",
     "default_rel_eps",
     "check_greedy_args",
     "fallback_order",
@@ -511,7 +514,7 @@ def segment_layout(segment_ids: torch.Tensor, num_segments: Optional[int] = None
         lengths_h = lengths.to("cpu", torch.int64)
         M = int(num_segments) if num_segments is not None else lengths_h.shape[0]
         n_max = int(lengths_h.max()) if M else 0
-        lengths = lengths_h.to(dev)
+        lengths = lengths_h.to(dev, non_blocking=True)   # no stream sync on CUDA
     else:
         M = int(num_segments) if num_segments is not None else (int(seg.max()) + 1 if n else 0)
         lengths = torch.bincount(seg, minlength=M)[:M] if n else torch.zeros(
@@ -525,6 +528,145 @@ def segment_layout(segment_ids: torch.Tensor, num_segments: Optional[int] = None
         pos = torch.arange(n, device=dev) - starts[s_sorted]
         index[s_sorted, pos] = order
     return index, lengths
+
+
+@dataclass
+class StageInput:
+    """One video's input to a frame-level pruning stage (the arguments of
+    :func:`frame_level_select`). ``lengths``: tokens per segment (M,) on the host when the
+    caller tracks them (the serving path: the previous stage's counts), so that nothing of
+    the stage's preparation is read back from the device."""
+
+    hidden: torch.Tensor
+    query: Optional[torch.Tensor]
+    segment_ids: torch.Tensor
+    target: int
+    config: HieraVidConfig
+    use_dpp: bool = True
+    num_segments: Optional[int] = None
+    lengths: Optional[torch.Tensor] = None
+
+
+@dataclass
+class _Prepared:
+    inp: StageInput
+    n: int
+    done: Optional[torch.Tensor] = None        # the result when the stage keeps all / none
+    lengths_h: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = None
+    r_pad: Optional[torch.Tensor] = None
+    feats: Optional[torch.Tensor] = None
+    scale: float = 1.0
+    sums: Optional[torch.Tensor] = None        # (M, C) segment sums on the device (Eq. 4)
+
+
+def _prepare_stage(inp: StageInput) -> _Prepared:
+    """The device work of a stage that does not need its per-segment counts: segment layout,
+    relevance (Eq. 8), kernel features (Eq. 9) and the segment sums of Eq. 4. Reads nothing
+    back when ``inp.lengths`` is given."""
+    from .schedule import counts_need_sums, host_segment_lengths, segment_sums
+
+    hidden = inp.hidden
+    n = hidden.shape[0]
+    dev = hidden.device
+    target = int(inp.target)
+    if not 0 <= target <= n:
+        raise ValueError(f"target must be in [0, {n}], got {target}")
+    p = _Prepared(inp, n)
+    if inp.lengths is not None:
+        p.lengths_h = inp.lengths.to("cpu", torch.int64)
+    if target == n:
+        p.done = torch.arange(n, dtype=torch.int64, device=dev)
+        return p
+    if target == 0:
+        p.done = torch.empty(0, dtype=torch.int64, device=dev)
+        return p
+    cfg = inp.config
+    seg = inp.segment_ids.to(dev, torch.int64)
+    # One read of the segment ids (none when the caller has the lengths): every M-sized
+    # quantity (lengths, Eq. 4-5 counts, k_max) is then known on the host, so on CUDA the
+    # stage reads back the segment sums only (plus nothing else: see the greedy dispatch).
+    if p.lengths_h is None:
+        p.lengths_h = host_segment_lengths(seg, inp.num_segments)
+    M = p.lengths_h.shape[0]
+    p.index, _ = segment_layout(seg, M, lengths=p.lengths_h)
+    r = relevance(hidden, inp.query, cfg.relevance_sign, cfg.relevance_source)
+    p.valid = p.index >= 0
+    safe = p.index.clamp_min(0)
+    p.r_pad = torch.where(p.valid, r[safe], torch.zeros_like(r[safe]))
+    if inp.use_dpp:
+        V, p.scale = kernel_features(hidden, cfg.dpp_kernel)
+        p.feats = V[safe]                                             # (M, n_max, C)
+    if counts_need_sums(p.lengths_h.numpy(), target, cfg):
+        p.sums = segment_sums(hidden, seg, M)
+    return p
+
+
+def _finish_stage(p: _Prepared, sums_h, greedy: Optional[Callable[..., torch.Tensor]]
+                  ) -> Tuple[torch.LongTensor, Optional[torch.Tensor]]:
+    """Counts (Eq. 4-5, on the host) and picks of a prepared stage -> (kept positions, kept
+    tokens per segment on the host)."""
+    from .schedule import segment_counts_from_sums
+
+    inp = p.inp
+    if p.done is not None:
+        counts = None
+        if p.lengths_h is not None:
+            counts = p.lengths_h.clone() if p.done.numel() == p.n else torch.zeros_like(
+                p.lengths_h)
+        return p.done, counts
+    n, target, cfg = p.n, int(inp.target), inp.config
+    dev = inp.hidden.device
+    ks_h = torch.from_numpy(segment_counts_from_sums(sums_h, p.lengths_h.numpy(), n, target,
+                                                     cfg))
+    index, valid, r_pad = p.index, p.valid, p.r_pad
+    if inp.use_dpp:
+        sel = (greedy or greedy_map_batched)(p.feats, p.lengths_h, ks_h, weights=r_pad,
+                                             scale=p.scale, eps=cfg.dpp_eps,
+                                             fallback_scores=r_pad)
+    else:
+        key = torch.where(valid, -r_pad, torch.full_like(r_pad, float("inf")))
+        sel = torch.sort(key, dim=-1, stable=True).indices[:, : int(ks_h.max())]
+        ar = torch.arange(sel.shape[1], device=dev).unsqueeze(0)
+        ks_d = ks_h.to(dev, non_blocking=True)
+        sel = torch.where(ar < ks_d.unsqueeze(-1), sel, torch.full_like(sel, -1))
+    # exactly sum(ks) = target entries of sel are picks (the greedy fills every k_m, padding
+    # is -1): mask the rest with n and keep the target smallest -- no boolean-mask read-back
+    tok = torch.where(sel >= 0, index.gather(1, sel.clamp_min(0)), torch.full_like(sel, n))
+    return torch.sort(tok.flatten()).values[:target], ks_h
+
+
+def frame_level_select_many(inputs: Sequence[StageInput], *,
+                            greedy: Optional[Callable[..., torch.Tensor]] = None
+                            ) -> List[Tuple[torch.LongTensor, Optional[torch.Tensor]]]:
+    """:func:`frame_level_select` on several videos (one stage boundary of a batch), with
+    one device read for all of them: first every video's device work that does not need its
+    per-segment counts (:func:`_prepare_stage`), then one read of all the videos' Eq. 4
+    segment sums, then per video the counts on the host and the picks. Each video gets
+    exactly the computation of :func:`frame_level_select` (the same ops on its own tensors),
+    so the same kept tokens whatever else is in the batch.
+
+    On CUDA, with every ``lengths`` given, that one read is the only host synchronisation
+    of the boundary (the greedy dispatch of ``hieravid_kernels`` copies the counts to the
+    device without waiting and decides its fallback on the device), and everything enqueued
+    before it overlaps the layers still running.
+
+    Returns per video (kept positions ascending, kept tokens per segment (M,) int64 on the
+    host -- the next stage's ``lengths``; None for a stage that keeps all or none of a
+    video whose lengths were not given).
+    """
+    preps = [_prepare_stage(inp) for inp in inputs]
+    need = [p for p in preps if p.sums is not None]
+    host = {}
+    if need:
+        flat = torch.cat([p.sums.reshape(-1) for p in need]).cpu().numpy()
+        at = 0
+        for p in need:
+            size = p.sums.numel()
+            host[id(p)] = flat[at:at + size].reshape(p.sums.shape)
+            at += size
+    return [_finish_stage(p, host.get(id(p)), greedy) for p in preps]
 
 
 def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
@@ -542,43 +684,9 @@ def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
     Segment ids must be in temporal order (Eq. 4 uses left / right neighbours).
     ``greedy``: the batched greedy MAP to use, with the signature and result of
     :func:`greedy_map_batched` (the default); ``hieravid_kernels.frame_level_select`` passes its
-    dispatch here (Triton on CUDA tensors).
+    dispatch here (Triton on CUDA tensors). Several videos at once, with one device read:
+    :func:`frame_level_select_many`.
     """
-    # local import: schedule imports nothing from here
-    from .schedule import host_segment_lengths, segment_counts
-
-    n = hidden.shape[0]
-    dev = hidden.device
-    target = int(target)
-    if not 0 <= target <= n:
-        raise ValueError(f"target must be in [0, {n}], got {target}")
-    if target == n:
-        return torch.arange(n, dtype=torch.int64, device=dev)
-    if target == 0:
-        return torch.empty(0, dtype=torch.int64, device=dev)
-    seg = segment_ids.to(dev, torch.int64)
-    # One read of the segment ids: every M-sized quantity (lengths, Eq. 4-5 counts, k_max)
-    # is then known on the host, so on CUDA the stage reads back the ids and the segment
-    # sums only (plus the greedy kernel's fallback flag), not a dozen scalars.
-    lengths_h = host_segment_lengths(seg, num_segments)
-    M = lengths_h.shape[0]
-    index, lengths = segment_layout(seg, M, lengths=lengths_h)
-    r = relevance(hidden, query, config.relevance_sign, config.relevance_source)
-    ks_h = segment_counts(hidden, seg, target, config, num_segments=M, lengths=lengths_h)
-    valid = index >= 0
-    safe = index.clamp_min(0)
-    r_pad = torch.where(valid, r[safe], torch.zeros_like(r[safe]))
-    if use_dpp:
-        V, sc = kernel_features(hidden, config.dpp_kernel)
-        feats = V[safe]                                               # (M, n_max, C)
-        sel = (greedy or greedy_map_batched)(feats, lengths_h, ks_h, weights=r_pad, scale=sc,
-                                             eps=config.dpp_eps, fallback_scores=r_pad)
-    else:
-        key = torch.where(valid, -r_pad, torch.full_like(r_pad, float("inf")))
-        sel = torch.sort(key, dim=-1, stable=True).indices[:, : int(ks_h.max())]
-        ar = torch.arange(sel.shape[1], device=dev).unsqueeze(0)
-        sel = torch.where(ar < ks_h.to(dev).unsqueeze(-1), sel, torch.full_like(sel, -1))
-    # exactly sum(ks) = target entries of sel are picks (the greedy fills every k_m, padding
-    # is -1): mask the rest with n and keep the target smallest -- no boolean-mask read-back
-    tok = torch.where(sel >= 0, index.gather(1, sel.clamp_min(0)), torch.full_like(sel, n))
-    return torch.sort(tok.flatten()).values[:target]
+    return frame_level_select_many(
+        [StageInput(hidden, query, segment_ids, target, config, use_dpp, num_segments)],
+        greedy=greedy)[0][0]

@@ -5,7 +5,8 @@
   frame-level DPP down to the budget (Sec. 3.2, Table 4 ablation).
 * :func:`select_layer_stage` -- one in-LLM stage (Sec. 3.3): the selection applied at a stage
   boundary to that layer's visual hidden states and the instruction token's hidden state,
-  reusing the segment layout of the input stage.
+  reusing the segment layout of the input stage; :func:`select_layer_stage_many` -- the same
+  for the videos of a batch at one boundary, with one device read for all of them.
 
 Both take ``ops``: the implementations of the three hot spots (similarity map, static-token
 merging, frame-level DPP selection), any object with the attributes of :class:`PruneOps`.
@@ -15,19 +16,19 @@ elsewhere); this package itself imports neither vLLM nor Triton.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from .config import DEFAULT_NUM_LAYERS, HieraVidConfig
-from .dpp import frame_level_select
+from .dpp import StageInput, frame_level_select, frame_level_select_many
 from .schedule import StageSchedule, build_schedule, round_half_up
 from .segment import (MergeResult, frame_segments, merge_static_tokens, similarity_map,
                       static_topk)
 
-__all__ = ["InputStageResult", "PruneOps", "REFERENCE_OPS", "prune_input_stage",
-           "select_layer_stage"]
+__all__ = ["InputStageResult", "PruneOps", "REFERENCE_OPS", "StageInput", "prune_input_stage",
+           "select_layer_stage", "select_layer_stage_many"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,16 @@ class PruneOps:
     merge_static_tokens(F, static_mask, frame_segment_ids, num_kept=N - K) -> MergeResult
     (Eq. 3), :func:`~hieravid_vllm.core.segment.merge_static_tokens`;
     frame_level_select(hidden, query, segment_ids, target, config, use_dpp=, num_segments=)
-    -> kept positions (Sec. 3.2, Eq. 4-10), :func:`~hieravid_vllm.core.dpp.frame_level_select`.
+    -> kept positions (Sec. 3.2, Eq. 4-10), :func:`~hieravid_vllm.core.dpp.frame_level_select`;
+    frame_level_select_many(inputs) -> [(kept positions, kept per segment)] for several
+    videos with one device read, :func:`~hieravid_vllm.core.dpp.frame_level_select_many`
+    (optional: an ``ops`` without it gets one ``frame_level_select`` call per video).
     """
 
     similarity_map: Callable = similarity_map
     merge_static_tokens: Callable = merge_static_tokens
     frame_level_select: Callable = frame_level_select
+    frame_level_select_many: Callable = frame_level_select_many
 
 
 REFERENCE_OPS = PruneOps()
@@ -149,3 +154,21 @@ def select_layer_stage(hidden_visual: torch.Tensor, query: Optional[torch.Tensor
     ops = REFERENCE_OPS if ops is None else ops
     return ops.frame_level_select(hidden_visual, query, segment_ids, target, cfg,
                                   use_dpp=use_dpp, num_segments=num_segments)
+
+
+def select_layer_stage_many(inputs: Sequence[StageInput], *, ops: Optional[PruneOps] = None
+                            ) -> List[Tuple[torch.LongTensor, Optional[torch.Tensor]]]:
+    """:func:`select_layer_stage` for the videos that select at one stage boundary of a batch
+    (one :class:`~hieravid_vllm.core.dpp.StageInput` each): per video (kept positions
+    ascending, kept tokens per segment (M,) int64 on the host, the next stage's
+    ``lengths``), each video the same result as :func:`select_layer_stage` alone. With every
+    ``lengths`` given, the boundary reads the device once (the Eq. 4 segment sums of all
+    videos), see :func:`~hieravid_vllm.core.dpp.frame_level_select_many`."""
+    ops = REFERENCE_OPS if ops is None else ops
+    inputs = [replace(i, config=HieraVidConfig.coerce(i.config)) for i in inputs]
+    many = getattr(ops, "frame_level_select_many", None)
+    if many is not None:
+        return many(inputs)
+    return [(ops.frame_level_select(i.hidden, i.query, i.segment_ids, i.target, i.config,
+                                    use_dpp=i.use_dpp, num_segments=i.num_segments), None)
+            for i in inputs]

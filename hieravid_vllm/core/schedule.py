@@ -421,17 +421,35 @@ def segment_counts(features: torch.Tensor, segment_ids: torch.Tensor, target: in
     lengths = (host_segment_lengths(seg, num_segments) if lengths is None
                else lengths.to("cpu", torch.int64))
     M = lengths.shape[0]
+    sums = None
+    if counts_need_sums(lengths.numpy(), target, config):
+        sums = segment_sums(features, seg, M).cpu().numpy()
+    return torch.from_numpy(segment_counts_from_sums(sums, lengths.numpy(), n, int(target),
+                                                     config)).to(out_dev)
+
+
+def counts_need_sums(lengths_h: np.ndarray, target: int, config: HieraVidConfig) -> bool:
+    """Whether :func:`segment_counts` reads the segment sums (Eq. 4): more than one
+    non-empty segment, a positive ``r_var`` and something to allocate."""
+    return (int(lengths_h.sum()) > 0 and lengths_h.shape[0] > 0
+            and int((lengths_h > 0).sum()) > 1 and config.r_var > 0)
+
+
+def segment_counts_from_sums(sums_h: Optional[np.ndarray], lengths_h: np.ndarray, n: int,
+                             target: int, config: HieraVidConfig) -> np.ndarray:
+    """The host part of :func:`segment_counts` (Eq. 4-5 and the allocation) on the (M, C)
+    float32 segment sums read back from the device (``sums_h``; None when
+    :func:`counts_need_sums` is False) and the int64 lengths: int64 (M,) counts."""
+    M = lengths_h.shape[0]
     if n == 0 or M == 0:
         if target != 0:
             raise ValueError(f"target {target} with no tokens")
-        return torch.zeros(M, dtype=torch.int64, device=out_dev)
+        return np.zeros(M, dtype=np.int64)
     base_keep = target / n
-    len_h = lengths.numpy()
-    nonempty = len_h > 0
+    nonempty = lengths_h > 0
     z = np.zeros(M)
-    if int(nonempty.sum()) > 1 and config.r_var > 0:
-        sums = segment_sums(features, seg, M).cpu().numpy()
-        g = sums / np.maximum(len_h, 1).astype(np.float32)[:, None]    # float32, as summed
+    if sums_h is not None:
+        g = sums_h / np.maximum(lengths_h, 1).astype(np.float32)[:, None]   # float32, as summed
         b = _segment_scores_host(g[nonempty].astype(np.float64), config.lam,
                                  config.missing_neighbor)
         std = b.std()                                                  # population std
@@ -439,4 +457,4 @@ def segment_counts(features: torch.Tensor, segment_ids: torch.Tensor, target: in
             z[nonempty] = (b - b.mean()) / std
     sign = 1.0 if config.segment_score_keeps_more else -1.0
     keep = base_keep + sign * config.r_var * z
-    return torch.from_numpy(_allocate_counts_host(len_h, keep, int(target))).to(out_dev)
+    return _allocate_counts_host(lengths_h, keep, int(target))

@@ -335,3 +335,66 @@ def test_frame_level_select_against_bruteforce_per_segment():
         order = sorted(idx.tolist(), key=lambda t: (-r[t], t))
         exp += order[: int(ks[m])]
     assert kept2.tolist() == sorted(exp)
+
+
+def _stage_inputs(seed):
+    """Videos of one stage boundary: DPP and relevance-only stages, stages that keep all or
+    none, r_var = 0 (no segment sums), one segment, with and without host lengths."""
+    from hieravid_vllm.core.dpp import StageInput
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(7):
+        n = int(rng.integers(1, 60))
+        C = 16
+        M = int(rng.integers(1, 6))
+        seg = torch.sort(torch.randint(0, M, (n,), generator=g)).values
+        target = 0 if i == 0 else n if i == 1 else int(rng.integers(1, n + 1))
+        cfg = HieraVidConfig(r_var=0.0 if i == 3 else 0.2,
+                             relevance_source="mean" if i % 2 else "last")
+        lengths = torch.bincount(seg, minlength=M) if i % 3 else None
+        out.append(StageInput(torch.randn(n, C, generator=g),
+                              torch.randn(3, C, generator=g), seg, target, cfg,
+                              use_dpp=bool(i % 2 == 0), num_segments=M, lengths=lengths))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_frame_level_select_many_equals_one_by_one(seed):
+    """Several videos at once (one read of all their segment sums) keep, per video, what
+    frame_level_select keeps alone; the kept tokens per segment returned for the next stage
+    equal a count of the kept tokens' segment ids and the Eq. 4-5 counts of
+    schedule.segment_counts."""
+    from hieravid_vllm.core.dpp import frame_level_select_many
+    from hieravid_vllm.core.schedule import segment_counts
+    inputs = _stage_inputs(seed)
+    got = frame_level_select_many(inputs)
+    assert len(got) == len(inputs)
+    for inp, (keep, counts) in zip(inputs, got):
+        want = frame_level_select(inp.hidden, inp.query, inp.segment_ids, inp.target, inp.config,
+                                  use_dpp=inp.use_dpp, num_segments=inp.num_segments)
+        assert torch.equal(keep, want)
+        M = inp.num_segments
+        if counts is None:      # a stage keeping all or none, lengths not given
+            assert inp.lengths is None and inp.target in (0, inp.hidden.shape[0])
+            continue
+        assert counts.tolist() == torch.bincount(inp.segment_ids[keep], minlength=M).tolist()
+        assert counts.tolist() == segment_counts(inp.hidden, inp.segment_ids, inp.target,
+                                                 inp.config, num_segments=M).tolist()
+
+
+def test_stage_preparation_reads_nothing_back_given_the_lengths():
+    """The part of a stage enqueued before the boundary's one read (layout, relevance,
+    kernel features, segment sums) runs on ``meta`` tensors, which have no data to read:
+    with host lengths it completes; without them it must read the segment ids and fails."""
+    from hieravid_vllm.core.dpp import StageInput, _prepare_stage
+    seg = torch.tensor([0] * 5 + [1] * 7 + [2] * 4)
+    for use_dpp in (True, False):
+        inp = StageInput(torch.empty(16, 8, device="meta"), torch.empty(8, device="meta"),
+                         seg.to("meta"), 9, HieraVidConfig(), use_dpp, 3,
+                         lengths=torch.tensor([5, 7, 4]))
+        p = _prepare_stage(inp)
+        assert p.sums is not None and p.sums.shape == (3, 8) and p.index.shape == (3, 7)
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            _prepare_stage(StageInput(inp.hidden, inp.query, inp.segment_ids, 9,
+                                      HieraVidConfig(), use_dpp, 3))

@@ -256,3 +256,50 @@ def test_greedy_split_timeout_falls_back(gen):
             got = hk.greedy_map_batched(H, lengths, ks, weights=w, backend="triton", split=2,
                                         block_n=16, max_spins=8)
     assert torch.equal(got, ref.greedy_map_batched(H, lengths, ks, weights=w))
+
+
+def test_frame_level_select_many_matches_core(gen):
+    """The videos of a boundary through the Triton greedy (one read for all of them, the
+    greedy launched without any read-back) keep what the core keeps for each alone."""
+    from hieravid_vllm.core.dpp import StageInput
+    inputs = []
+    for i, (n, M, target) in enumerate([(70, 4, 23), (31, 2, 9), (12, 3, 12), (50, 1, 20)]):
+        seg = torch.sort(torch.randint(0, M, (n,), generator=gen)).values
+        inputs.append(StageInput(torch.randn(n, 32, generator=gen).to(torch.bfloat16),
+                                 torch.randn(32, generator=gen), seg, target, HieraVidConfig(),
+                                 use_dpp=i != 1, num_segments=M,
+                                 lengths=torch.bincount(seg, minlength=M)))
+    with hk.poisoned_outputs():
+        got = hk.frame_level_select_many(inputs, backend="triton")
+    for inp, (keep, counts) in zip(inputs, got):
+        want = ref.frame_level_select(inp.hidden, inp.query, inp.segment_ids, inp.target,
+                                      inp.config, use_dpp=inp.use_dpp,
+                                      num_segments=inp.num_segments)
+        assert torch.equal(keep, want)
+        assert counts.tolist() == torch.bincount(inp.segment_ids[keep],
+                                                 minlength=inp.num_segments).tolist()
+
+
+@pytest.mark.parametrize("split,spins", [(2, 8), (1, 64)])
+def test_greedy_split_without_flag_read(split, spins, gen):
+    """``read_flag=False`` (the serving path's stages): the host never reads the
+    multi-program kernel's flag. Programs that cannot all run at once (split 2 under the
+    interpreter, bounded spin): the single-program fallback, launched behind it, runs on the
+    device flag and gives the reference's picks, with no warning. Programs that can (split
+    1): the fallback launch does nothing, the multi-program result stands."""
+    import hieravid_kernels.dpp as kdpp
+    H, lengths, ks, w, fb = _split_case("plain", gen)
+    launches = []
+    real = kdpp._launch_greedy
+    kdpp_launch = lambda *a, **k: launches.append(k.get("run_if")) or real(*a, **k)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with hk.poisoned_outputs(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kdpp, "_launch_greedy", kdpp_launch)
+            got = hk.greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb,
+                                        backend="triton", split=split, block_n=16,
+                                        max_spins=spins, read_flag=False)
+    assert len(launches) == 1 and launches[0] is not None
+    assert bool(launches[0].item()) == (split == 2)     # the flag, read here by the test
+    assert torch.equal(got, ref.greedy_map_batched(H, lengths, ks, weights=w,
+                                                   fallback_scores=fb))

@@ -115,3 +115,28 @@ def test_select_layer_stage_ops(triton_calls, monkeypatch, gen):
     got = select_layer_stage(hidden, query, seg, 21, HieraVidConfig(), ops=hk.OPS)
     assert triton_calls == {"greedy_map_batched_triton": 1}
     assert torch.equal(got, want)
+
+
+def test_select_layer_stage_many_ops(triton_calls, monkeypatch, gen):
+    """The stage boundary's entry point (all videos at once) takes the same ``ops``: one
+    Triton greedy per DPP video, launched without a flag read-back, and each video keeps what
+    ``select_layer_stage`` keeps alone."""
+    from hieravid_vllm.core.pipeline import StageInput, select_layer_stage, select_layer_stage_many
+
+    flags = []
+    real = hk_dpp.greedy_map_batched_triton
+    monkeypatch.setattr(hk_dpp, "greedy_map_batched_triton",
+                        lambda *a, **k: flags.append(k.get("read_flag", True)) or real(*a, **k))
+    inputs = []
+    for n, M, target, use_dpp in ((60, 3, 21, True), (35, 2, 11, False), (44, 4, 30, True)):
+        seg = torch.sort(torch.randint(0, M, (n,), generator=gen)).values
+        inputs.append(StageInput(torch.randn(n, 40, generator=gen).to(torch.bfloat16),
+                                 torch.randn(40, generator=gen), seg, target, HieraVidConfig(),
+                                 use_dpp, M, torch.bincount(seg, minlength=M)))
+    want = [select_layer_stage(i.hidden, i.query, i.segment_ids, i.target, i.config,
+                               use_dpp=i.use_dpp) for i in inputs]
+    monkeypatch.setenv("HIERAVID_KERNELS_BACKEND", "triton")
+    got = select_layer_stage_many(inputs, ops=hk.OPS)
+    assert flags == [False, False]
+    for (keep, _counts), w in zip(got, want):
+        assert torch.equal(keep, w)

@@ -341,7 +341,7 @@ def layer_table(report: dict) -> list:
                 if all(len(s) >= len(means) for s in inner) else []
             out.append(f"\n{c}: in-LLM selections per boundary (ms): "
                        + ", ".join(f"{m:.0f}" for m in means) + f"; sum {sum(means):.0f}"
-                       + (f"; of which the selections proper (select_layer_stage): "
+                       + (f"; of which the selections proper (select_layer_stage_many): "
                           + ", ".join(f"{m:.0f}" for m in calls) + f"; sum {sum(calls):.0f}"
                           if calls else ""))
     return out

@@ -146,7 +146,7 @@ def test_layers_see_the_stage_rows(report):
         else:
             assert all(a > b for a, b in zip(rows, rows[1:])), rows  # stages at 0, 1, 2, 3
             assert len(lay["selection"]) == 3
-            # the selections proper (one select_layer_stage per video) inside each boundary
+            # the selections proper (one select_layer_stage_many for all videos) inside each boundary
             assert len(lay["selection_calls"]) == 3
             for (_n, outer), (_m, inner) in zip(lay["selection"], lay["selection_calls"]):
                 assert 0 < inner <= outer, (inner, outer)

@@ -4,8 +4,9 @@ At every stage boundary layer ``B[g]`` (``HieraVidConfig.stage_boundaries``) the
 tokens of a request whose video is prefilled in this step are pruned again: relevance of each
 visual token's hidden state to the last prompt token's hidden state (Eq. 8), the
 relevance-weighted DPP per segment of the input stage (Eq. 9-10) and the per-segment counts
-(Eq. 5) -- :func:`hieravid_vllm.core.pipeline.select_layer_stage`. Later layers compute, cache
-and attend over the kept tokens only; text tokens are never dropped.
+(Eq. 5) -- :func:`hieravid_vllm.core.pipeline.select_layer_stage_many`, all the step's videos
+at once. Later layers compute, cache and attend over the kept tokens only; text tokens are never
+dropped.
 
 How it fits vLLM v1:
 
@@ -29,7 +30,11 @@ How it fits vLLM v1:
   mid-forward.
 * The model (:func:`staged_forward`) gathers hidden states, residuals and positions at each
   boundary for the requests that select in this step (their whole video and the last prompt
-  token are in the step; the scheduler hook guarantees it). Kept tokens keep their rotary
+  token are in the step; the scheduler hook guarantees it). Where each video's rows lie is
+  host arithmetic on the plan (:func:`_video_rows`), and each video's tokens per segment are
+  tracked on the host from the input stage on, so a boundary reads the device once: the Eq. 4
+  segment sums of all its videos (on CUDA everything enqueued before that read overlaps the
+  layers still running). Kept tokens keep their rotary
   positions; decode tokens continue the original numbering. Steps without a selection run
   vLLM's own (compiled) forward: only the metadata of later stages differs.
 * The final hidden states are scattered back to the step's token rows (text rows, in

@@ -8,7 +8,9 @@
 # 1. kernel vs reference on the GPU (benchmarks/kernels.py --check: the interpreter tests' cases,
 #    compiled, plus LLaVA/Qwen-sized ones);
 # 2. the benchmark, written into benchmarks/RESULTS.md (kernels section only);
-# 3. with SWEEP=1, also a sweep of the greedy kernel's launch configurations.
+# 3. with SWEEP=1, also a sweep of the greedy kernel's launch configurations;
+# 4. with PREFILL=1, also the 7B-shaped prefill with the in-LLM stages (benchmarks/prefill_gpu.py
+#    --profile --write: full mode vs EVS as served, launches and syncs of the selections).
 # When $OUT is set (the device tool), RESULTS.md and the logs are copied there.
 # Extra arguments go to the benchmark (e.g. --quick).
 set -uo pipefail
@@ -36,6 +38,11 @@ $PY benchmarks/kernels.py --write "$@" 2>&1 | tee -a "$LOG" || status=1
 if [ "${SWEEP:-0}" = "1" ]; then
     echo "== greedy kernel launch configurations" | tee -a "$LOG"
     $PY benchmarks/kernels.py --sweep 2>&1 | tee -a "$LOG" || status=1
+fi
+if [ "${PREFILL:-0}" = "1" ]; then
+    echo "== 7B-shaped prefill with the in-LLM stages" | tee -a "$LOG"
+    $PY benchmarks/prefill_gpu.py --budgets 0.3,0.1 --reps 5 --profile --write 2>&1 \
+        | tee -a "$LOG" || status=1
 fi
 if [ -n "${OUT:-}" ]; then
     cp benchmarks/RESULTS.md "$OUT/" 2>/dev/null || true

@@ -586,7 +586,7 @@ def _prepare_stage(inp: StageInput) -> _Prepared:
     seg = inp.segment_ids.to(dev, torch.int64)
     # One read of the segment ids (none when the caller has the lengths): every M-sized
     # quantity (lengths, Eq. 4-5 counts, k_max) is then known on the host, so on CUDA the
-    # stage reads back the segment sums only (plus nothing else: see the greedy dispatch).
+    # stage reads back the segment sums only (frame_level_select_many: once for all videos).
     if p.lengths_h is None:
         p.lengths_h = host_segment_lengths(seg, inp.num_segments)
     M = p.lengths_h.shape[0]
@@ -598,7 +598,7 @@ def _prepare_stage(inp: StageInput) -> _Prepared:
     if inp.use_dpp:
         V, p.scale = kernel_features(hidden, cfg.dpp_kernel)
         p.feats = V[safe]                                             # (M, n_max, C)
-    if counts_need_sums(p.lengths_h.numpy(), target, cfg):
+    if counts_need_sums(p.lengths_h.numpy(), cfg):
         p.sums = segment_sums(hidden, seg, M)
     return p
 

@@ -422,17 +422,16 @@ def segment_counts(features: torch.Tensor, segment_ids: torch.Tensor, target: in
                else lengths.to("cpu", torch.int64))
     M = lengths.shape[0]
     sums = None
-    if counts_need_sums(lengths.numpy(), target, config):
+    if counts_need_sums(lengths.numpy(), config):
         sums = segment_sums(features, seg, M).cpu().numpy()
     return torch.from_numpy(segment_counts_from_sums(sums, lengths.numpy(), n, int(target),
                                                      config)).to(out_dev)
 
 
-def counts_need_sums(lengths_h: np.ndarray, target: int, config: HieraVidConfig) -> bool:
+def counts_need_sums(lengths_h: np.ndarray, config: HieraVidConfig) -> bool:
     """Whether :func:`segment_counts` reads the segment sums (Eq. 4): more than one
-    non-empty segment, a positive ``r_var`` and something to allocate."""
-    return (int(lengths_h.sum()) > 0 and lengths_h.shape[0] > 0
-            and int((lengths_h > 0).sum()) > 1 and config.r_var > 0)
+    non-empty segment and a positive ``r_var``."""
+    return int((lengths_h > 0).sum()) > 1 and config.r_var > 0
 
 
 def segment_counts_from_sums(sums_h: Optional[np.ndarray], lengths_h: np.ndarray, n: int,

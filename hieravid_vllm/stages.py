@@ -736,9 +736,8 @@ class HieraVidStagesMixin:
         if self.hieravid_stages_enabled:
             # tokens per segment on the host, read here (the encoder step) once per video, so
             # that no stage boundary reads the segment ids back mid-forward
-            lengths = torch.bincount(res.segment_ids.to("cpu", torch.int64),
-                                     minlength=res.num_segments)[:res.num_segments]
-            self.hieravid_state.add_output(row, (res.segment_ids, res.num_segments,
+            lengths = torch.bincount(res.segment_ids.to("cpu", torch.int64))
+            self.hieravid_state.add_output(row, (res.segment_ids, lengths.shape[0],
                                                  res.kept_indices, lengths))
 
     def hieravid_request_videos(self, state) -> List[VideoSpan]:

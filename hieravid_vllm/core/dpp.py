@@ -559,6 +559,7 @@ class _Prepared:
     feats: Optional[torch.Tensor] = None
     scale: float = 1.0
     sums: Optional[torch.Tensor] = None        # (M, C) segment sums on the device (Eq. 4)
+    sums_h: Optional[object] = None            # the same read back (numpy), set by the caller
 
 
 def _prepare_stage(inp: StageInput) -> _Prepared:
@@ -603,7 +604,7 @@ def _prepare_stage(inp: StageInput) -> _Prepared:
     return p
 
 
-def _finish_stage(p: _Prepared, sums_h, greedy: Optional[Callable[..., torch.Tensor]]
+def _finish_stage(p: _Prepared, greedy: Optional[Callable[..., torch.Tensor]]
                   ) -> Tuple[torch.LongTensor, Optional[torch.Tensor]]:
     """Counts (Eq. 4-5, on the host) and picks of a prepared stage -> (kept positions, kept
     tokens per segment on the host)."""
@@ -618,7 +619,7 @@ def _finish_stage(p: _Prepared, sums_h, greedy: Optional[Callable[..., torch.Ten
         return p.done, counts
     n, target, cfg = p.n, int(inp.target), inp.config
     dev = inp.hidden.device
-    ks_h = torch.from_numpy(segment_counts_from_sums(sums_h, p.lengths_h.numpy(), n, target,
+    ks_h = torch.from_numpy(segment_counts_from_sums(p.sums_h, p.lengths_h.numpy(), n, target,
                                                      cfg))
     index, valid, r_pad = p.index, p.valid, p.r_pad
     if inp.use_dpp:
@@ -658,15 +659,13 @@ def frame_level_select_many(inputs: Sequence[StageInput], *,
     """
     preps = [_prepare_stage(inp) for inp in inputs]
     need = [p for p in preps if p.sums is not None]
-    host = {}
     if need:
         flat = torch.cat([p.sums.reshape(-1) for p in need]).cpu().numpy()
         at = 0
         for p in need:
-            size = p.sums.numel()
-            host[id(p)] = flat[at:at + size].reshape(p.sums.shape)
-            at += size
-    return [_finish_stage(p, host.get(id(p)), greedy) for p in preps]
+            p.sums_h = flat[at:at + p.sums.numel()].reshape(p.sums.shape)
+            at += p.sums.numel()
+    return [_finish_stage(p, greedy) for p in preps]
 
 
 def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],

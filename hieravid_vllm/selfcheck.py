@@ -35,7 +35,8 @@ logits      (a) and (b) above on two clips (one and two scenes)
 greedy      16 requests (8 video, 8 text-only): greedy answers alone == all 16 at once ==
             the video ones again with the prefix cache warm
 preemption  a second server with a KV cache of about one request: 5 requests alone, then
-            10 at once; vLLM must preempt, and the answers must equal the alone ones
+            10 at once (sent again, at most 3 times in all, until vLLM has preempted);
+            vLLM must preempt, and every answer must equal the alone one
 kv          KV blocks a video request holds right after prefill (``/metrics``) vs the core
             schedule on the clip's grid (one KV cache group per stage)
 timing      TTFT and engine prefill time vs an unpruned server, as ratios (INFO unless
@@ -652,8 +653,16 @@ class SelfCheck:
             ask = lambda j: greedy_answer(s, j[0], j[1], PREEMPT_TOKENS, ignore_eos=True)  # noqa
             alone = [ask(j) for j in jobs]
             p0 = s.metric("vllm:num_preemptions_total")
-            with cf.ThreadPoolExecutor(10) as ex:
-                got = list(ex.map(ask, jobs + jobs))
+            got = []
+            # Whether the 10 requests overlap enough to preempt depends on how fast the API
+            # server hands them over (it decodes each clip in turn): on a loaded machine
+            # they can arrive one after another. The batch is sent again (at most 3 times)
+            # until a preemption happened; every answer of every batch is compared.
+            for _attempt in range(3):
+                with cf.ThreadPoolExecutor(10) as ex:
+                    got += list(ex.map(ask, jobs + jobs))
+                if s.metric("vllm:num_preemptions_total") - p0 >= 1:
+                    break
             result.update(alone=alone, got=got,
                           preemptions=s.metric("vllm:num_preemptions_total") - p0)
 
@@ -665,7 +674,10 @@ class SelfCheck:
             ok, note = same_greedy(result["alone"][k % len(jobs)], g, self.tie)
             if note:
                 (notes if ok else bad).append(f"request {k}: {note}")
-        detail = (f"{len(result['got'])} requests at once, {result['preemptions']:.0f} "
+        batches = len(result["got"]) // (2 * len(jobs))
+        detail = (f"{2 * len(jobs)} requests at once"
+                  + (f" ({batches} batches)" if batches > 1 else "")
+                  + f", {result['preemptions']:.0f} "
                   f"preemptions, KV {kv / 2 ** 20:.1f} MiB, {PREEMPT_TOKENS} tokens each")
         if result["preemptions"] < 1:
             self.add(name, FAIL, detail + ": no preemption happened")

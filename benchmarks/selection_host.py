@@ -9,18 +9,21 @@ at a relevance-only boundary, the per-segment top-k. This script times those cal
 shaped like the ``bench`` preset's prefill step (16 videos of about 700 visual tokens in 11
 segments at the first boundary, the 0.3 schedule's counts after it), and one alternative the
 issue asks about: the DPP boundary's greedy batched across all videos (every video's
-segments in one ``greedy_map_batched`` call, picks checked equal to the per-video calls).
+segments in one ``greedy_map_batched_many`` call -- on CPU length buckets of all videos'
+segments in lockstep --, picks checked equal to the per-video calls).
 
 Rows (ms, median of ``--reps``): per video, the relevance-only stage, the DPP stage and the
 Eq. 4-5 counts alone; per boundary (all videos), the per-video greedy calls against the one
-batched call. To compare two checkouts, run it under each (``PYTHONPATH=<checkout>``),
+call for all. To compare two checkouts, run it under each (``PYTHONPATH=<checkout>``),
 alternating. Needs torch and numpy only (no vLLM); CPU timings, no GPU numbers.
 
 ``--replay DIR`` times the engine's own selection inputs instead: the stage dumps a server
 or engine writes to ``$HIERAVID_DEBUG_DIR`` (``stages-*.pt``: per video and boundary the
 visual hidden states, query, segment ids, target, config), one per distinct video, each
-boundary's ``select_layer_stage`` calls for all videos as ``stages._select_rows`` makes
-them (the picks are first checked equal to the engine's), and the Eq. 4-5 counts alone.
+boundary's selection for all videos: one ``select_layer_stage`` call per video, and one
+``select_layer_stage_many`` call for all, as ``stages._select_rows`` makes it (the picks of
+both are first checked equal to the engine's), and the Eq. 4-5 counts alone. The dumps of
+several engine steps replay as one boundary.
 For example: ``HIERAVID_DEBUG_DIR=/tmp/d python benchmarks/step_profile.py --configs full
 --max-tokens 2 --rounds 1``, then ``--replay /tmp/d``; run under two checkouts to compare.
 """
@@ -40,7 +43,8 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from hieravid_vllm.core import HieraVidConfig  # noqa: E402
-from hieravid_vllm.core.dpp import frame_level_select, greedy_map_batched  # noqa: E402
+from hieravid_vllm.core.dpp import (GreedyCall, frame_level_select,  # noqa: E402
+                                    greedy_map_batched, greedy_map_batched_many)
 from hieravid_vllm.core.schedule import host_segment_lengths, segment_counts  # noqa: E402
 
 #: (boundary, visual tokens in, kept, DPP) per video: the 0.3 schedule of the bench preset's
@@ -86,14 +90,11 @@ def greedy_inputs(videos, target: int, cfg: HieraVidConfig, M: int):
     return [o[:4] for o in out], out[0][4]
 
 
-def batched_greedy(inputs, sc: float, eps: float) -> torch.Tensor:
-    n_max = max(f.shape[1] for f, *_ in inputs)
-    pad = torch.nn.functional.pad
-    F = torch.cat([pad(f, (0, 0, 0, n_max - f.shape[1])) for f, *_ in inputs])
-    W = torch.cat([pad(w, (0, n_max - w.shape[1])) for *_, w in inputs])
-    return greedy_map_batched(F, torch.cat([lh for _, lh, _, _ in inputs]),
-                              torch.cat([k for _, _, k, _ in inputs]), weights=W, scale=sc,
-                              eps=eps, fallback_scores=W)
+def batched_greedy(inputs, sc: float, eps: float) -> list:
+    """All videos' greedy calls at once (``greedy_map_batched_many``: on CPU their segments
+    in length buckets, in lockstep)."""
+    return greedy_map_batched_many([GreedyCall(f, lh, ks, w, sc, eps, fallback_scores=w)
+                                    for f, lh, ks, w in inputs])
 
 
 def run(args) -> str:
@@ -123,9 +124,7 @@ def run(args) -> str:
                                       fallback_scores=w) for f, lh_, ks, w in inputs]
             allv = batched_greedy(inputs, sc, cfg.dpp_eps)
             for i, sel in enumerate(one):   # same picks, segment by segment
-                got = allv[i * M:(i + 1) * M, :sel.shape[1]]
-                assert torch.equal(got, sel), f"batched greedy differs for video {i}"
-                assert bool((allv[i * M:(i + 1) * M, sel.shape[1]:] == -1).all())
+                assert torch.equal(allv[i], sel), f"batched greedy differs for video {i}"
             per_video = "%.1f" % median_ms(lambda: [
                 greedy_map_batched(f, lh_, ks, weights=w, scale=sc, eps=cfg.dpp_eps,
                                    fallback_scores=w) for f, lh_, ks, w in inputs], args.reps)
@@ -152,16 +151,18 @@ def load_replay(path: str) -> list:
 
 
 def replay(args) -> str:
-    from hieravid_vllm.core.pipeline import select_layer_stage
+    from hieravid_vllm.core.dpp import StageInput
+    from hieravid_vllm.core.pipeline import select_layer_stage, select_layer_stage_many
 
     videos = load_replay(args.replay)
     nb = min(len(v) for v in videos)
     lines = [f"Replay of {len(videos)} videos' stage inputs from {args.replay}; machine: "
              f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; ms, median of {args.reps}.", "",
-             "| boundary | DPP | tokens in -> kept (all videos) | segments | selection, all "
-             "videos | of which Eq. 4-5 counts | selection per video |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "| boundary | DPP | tokens in -> kept (all videos) | segments | selection, one "
+             "call per video | of which Eq. 4-5 counts | selection, one call for all videos "
+             "| per video (one call for all) |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for b in range(nb):
         calls = []
         for v in videos:
@@ -178,6 +179,12 @@ def replay(args) -> str:
             assert torch.equal(keep, kept.to(keep.dtype)), \
                 f"boundary {b + 1}: picks differ from the engine's"
         lens = [host_segment_lengths(s, m) for _, _, s, _, _, _, m, _ in calls]
+        inputs = [StageInput(h, q, s, t, c, u, m, lengths=lh)
+                  for (h, q, s, t, c, u, m, _), lh in zip(calls, lens)]
+        for (keep, _), (*_, kept) in zip(select_layer_stage_many(inputs), calls):
+            assert torch.equal(keep, kept.to(keep.dtype)), \
+                f"boundary {b + 1}: picks of the call for all videos differ from the engine's"
+        many = median_ms(lambda: select_layer_stage_many(inputs), args.reps)
         total = median_ms(lambda: [select_layer_stage(h, q, s, t, c, use_dpp=u, num_segments=m)
                                    for h, q, s, t, c, u, m, _ in calls], args.reps)
         counts = median_ms(lambda: [segment_counts(h, s, t, c, num_segments=m, lengths=lh)
@@ -186,7 +193,7 @@ def replay(args) -> str:
         n_in = sum(c[0].shape[0] for c in calls)
         lines.append(f"| {b + 1} | {'yes' if calls[0][5] else 'no'} | {n_in} -> "
                      f"{sum(int(c[3]) for c in calls)} | {sum(int(c[6]) for c in calls)} | "
-                     f"{total:.1f} | {counts:.1f} | {total / len(calls):.2f} |")
+                     f"{total:.1f} | {counts:.1f} | {many:.1f} | {many / len(calls):.2f} |")
     return "\n".join(lines)
 
 

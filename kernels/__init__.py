@@ -8,7 +8,7 @@ default of ``"auto"``):
 * :func:`similarity_map` -- Eq. 1 adjacent-frame cosine similarity, (T, H', W', C) -> (T-1, H', W')
 * :func:`merge_static_tokens` -- Eq. 3 static-token merging -> ``MergeResult``
 * :func:`greedy_map_batched` / :func:`greedy_map` -- fast greedy MAP of the (relevance-weighted)
-  DPP, all segments in one launch
+  DPP, all segments in one launch; :func:`greedy_map_batched_many` -- several such calls
 * :func:`frame_level_select` -- one frame-level pruning stage using the batched greedy MAP;
   :func:`frame_level_select_many` -- the videos of one stage boundary, one device read
 * :data:`OPS` -- the three dispatches above as the ``ops`` of
@@ -19,8 +19,8 @@ Importing this package needs only torch (triton optional, vLLM never); the refer
 from ``hieravid_vllm.core`` when used. Design notes and costs: kernels/README.md.
 """
 from ._utils import HAS_TRITON, interpreter_ready, poisoned_outputs
-from .dpp import (gram_triton, greedy_map, greedy_map_batched, greedy_map_batched_triton,
-                  greedy_map_explicit_triton)
+from .dpp import (gram_triton, greedy_map, greedy_map_batched, greedy_map_batched_many,
+                  greedy_map_batched_triton, greedy_map_explicit_triton)
 from .merge import merge_static_tokens, merge_static_tokens_triton
 from .select import frame_level_select, frame_level_select_many
 from .similarity import similarity_map, similarity_map_triton
@@ -47,7 +47,7 @@ __all__ = [
     "HAS_TRITON", "interpreter_ready", "poisoned_outputs",
     "similarity_map", "similarity_map_triton",
     "merge_static_tokens", "merge_static_tokens_triton",
-    "greedy_map_batched", "greedy_map", "greedy_map_batched_triton",
+    "greedy_map_batched", "greedy_map_batched_many", "greedy_map", "greedy_map_batched_triton",
     "greedy_map_explicit_triton", "gram_triton",
     "frame_level_select", "frame_level_select_many",
     "DispatchOps", "OPS",

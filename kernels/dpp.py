@@ -49,7 +49,8 @@ import torch
 
 from ._utils import build, empty, jit_helper, next_pow2, tl, use_triton
 
-__all__ = ["greedy_map_batched", "greedy_map", "greedy_map_batched_triton",
+__all__ = ["greedy_map_batched", "greedy_map_batched_many", "greedy_map",
+           "greedy_map_batched_triton",
            "greedy_map_explicit_triton", "gram_triton"]
 
 _GRAM_LIMIT_BYTES = 1 << 30
@@ -554,6 +555,29 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
     from hieravid_vllm.core.dpp import greedy_map_batched as ref
     return ref(features, lengths, ks, weights, scale, eps, rel_eps, fallback_scores,
                materialize)
+
+
+def greedy_map_batched_many(calls, *, backend: str = "auto", **triton_kwargs) -> list:
+    """:func:`greedy_map_batched` on several calls (``core.dpp.GreedyCall`` each, one stage
+    boundary's videos) -> their results, in order. Calls on CUDA tensors (fp16/bf16/fp32):
+    one Triton launch each (a launch holding every video's segments would size its Gram
+    scratch by the longest segment of all, S n_max^2: not measured on a GPU, so not done).
+    The rest: the reference's :func:`hieravid_vllm.core.dpp.greedy_map_batched_many` in one
+    call (on CPU: every video's segments in length buckets, in lockstep)."""
+    from hieravid_vllm.core.dpp import greedy_map_batched_many as ref
+
+    out = [None] * len(calls)
+    rest = []
+    for i, c in enumerate(calls):
+        if c.features.dtype != torch.float64 and use_triton(backend, c.features):
+            out[i] = greedy_map_batched_triton(c.features, c.lengths, c.ks, c.weights, c.scale,
+                                               c.eps, c.rel_eps, c.fallback_scores,
+                                               c.materialize, **triton_kwargs)
+        else:
+            rest.append(i)
+    for i, sel in zip(rest, ref([calls[i] for i in rest]) if rest else []):
+        out[i] = sel
+    return out
 
 
 def greedy_map(L: torch.Tensor, k: int, eps: float = 1e-10, rel_eps: Optional[float] = None,

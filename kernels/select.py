@@ -5,7 +5,9 @@ per-segment counts, padded segment layout, greedy MAP or relevance top-k) with i
 MAP replaced by the dispatch :func:`hieravid_kernels.greedy_map_batched` (Triton on CUDA
 tensors): one implementation of the stage, two greedy MAP backends.
 :func:`frame_level_select_many` is the same for the videos of one stage boundary, with one
-device read for all of them (:func:`hieravid_vllm.core.dpp.frame_level_select_many`); its
+device read for all of them (:func:`hieravid_vllm.core.dpp.frame_level_select_many`) and all
+their greedy MAPs in one :func:`hieravid_kernels.greedy_map_batched_many` call (CUDA: one
+launch per video; CPU: the reference's length buckets over all videos' segments); its
 greedy launches never read anything back (``read_flag=False``: the multi-program kernel's
 fallback is decided on the device).
 """
@@ -14,16 +16,17 @@ from typing import Optional
 
 import torch
 
-from .dpp import greedy_map_batched
+from .dpp import greedy_map_batched, greedy_map_batched_many
 
 __all__ = ["frame_level_select", "frame_level_select_many"]
 
 
-def _greedy(backend: str, split, read_flag: bool = True):
+def _greedy(backend: str, split, read_flag: bool = True, many: bool = False):
     kw = {} if split is None else {"split": split}
     if not read_flag:
         kw["read_flag"] = False
-    return functools.partial(greedy_map_batched, backend=backend, **kw)
+    return functools.partial(greedy_map_batched_many if many else greedy_map_batched,
+                             backend=backend, **kw)
 
 
 def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
@@ -48,4 +51,4 @@ def frame_level_select_many(inputs, *, backend: str = "auto", split=None):
     segment on the host), one device read for all of them."""
     from hieravid_vllm.core.dpp import frame_level_select_many as core_many
 
-    return core_many(inputs, greedy=_greedy(backend, split, read_flag=False))
+    return core_many(inputs, greedy_many=_greedy(backend, split, read_flag=False, many=True))

@@ -4,8 +4,9 @@ Modules: ``config`` (HieraVidConfig), ``schedule`` (Eq. 4-5, 11), ``segment`` (E
 ``dpp`` (Eq. 6-10, fast greedy MAP), ``flops`` (Eq. 12), ``pipeline`` (entry points).
 """
 from .config import DEFAULT_NUM_LAYERS, HieraVidConfig
-from .dpp import (block_diagonal_kernel, dpp_kernel, frame_level_select, greedy_map,
-                  greedy_map_batched, relevance, segment_layout)
+from .dpp import (GreedyCall, block_diagonal_kernel, dpp_kernel, frame_level_select,
+                  greedy_map, greedy_map_batched, greedy_map_batched_many, relevance,
+                  segment_layout)
 from .flops import (DEFAULT_TEXT_TOKENS, QWEN2_7B, ModelSpec, flops_ratio, hieravid_flops,
                     layer_flops, prefill_flops, vanilla_flops)
 from .pipeline import (InputStageResult, StageInput, prune_input_stage, select_layer_stage,
@@ -17,8 +18,8 @@ from .segment import (MergeResult, frame_segments, merge_static_tokens, overlap_
 
 __all__ = [
     "DEFAULT_NUM_LAYERS", "HieraVidConfig",
-    "block_diagonal_kernel", "dpp_kernel", "frame_level_select", "greedy_map",
-    "greedy_map_batched", "relevance", "segment_layout",
+    "GreedyCall", "block_diagonal_kernel", "dpp_kernel", "frame_level_select", "greedy_map",
+    "greedy_map_batched", "greedy_map_batched_many", "relevance", "segment_layout",
     "DEFAULT_TEXT_TOKENS", "QWEN2_7B", "ModelSpec", "flops_ratio", "hieravid_flops",
     "layer_flops", "prefill_flops", "vanilla_flops",
     "InputStageResult", "StageInput", "prune_input_stage", "select_layer_stage",

@@ -6,6 +6,7 @@ Reference implementations (the Triton kernels are tested against these):
 * :func:`dpp_kernel` / :func:`block_diagonal_kernel` (Eq. 9-10), explicit kernels
 * :func:`greedy_map` -- explicit PSD kernel, one set (Chen, Zhang, Zhou, NeurIPS 2018)
 * :func:`greedy_map_batched` -- many segments at once, kernel rows computed from features
+* :func:`greedy_map_batched_many` -- several such calls (one boundary's videos) at once
 
 Greedy MAP (Chen et al. 2018): d_i^2 = L_ii; repeat: j = argmax_i d_i^2 over the unselected,
 e_i = (L_ji - <c_j, c_i>) / d_j, c_i <- [c_i, e_i], d_i^2 -= e_i^2.
@@ -55,6 +56,8 @@ __all__ = [
     "segment_layout",
     "frame_level_select",
     "frame_level_select_many",
+    "greedy_map_batched_many",
+    "GreedyCall",
     "StageInput",
     "default_rel_eps",
     "check_greedy_args",
@@ -276,27 +279,9 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
     if per_segment is None:
         per_segment = dev.type == "cpu"
     if per_segment and S > 1:
-        sc = (1.0 / C) if scale is None else float(scale)
-        lengths_l, ks_l = lengths.tolist(), ks.tolist()
-        # the segments the per-segment host loop would run on a materialised kernel: their
-        # greedy steps in lockstep (same picks), the others one after another
-        lockstep = [s for s, (ln, k) in enumerate(zip(lengths_l, ks_l))
-                    if k and _host_materializes(k, ln, materialize)] \
-            if dev.type == "cpu" and host_loop is not False else []
-        if len(lockstep) > 1:
-            _greedy_map_host_lockstep(features, lengths_l, ks_l, lockstep, weights, sc, eps,
-                                      rel_eps, fallback_scores, sel)
-        else:
-            lockstep = []          # a single segment runs the plain host loop below
-        for s, (ln, k) in enumerate(zip(lengths_l, ks_l)):
-            if k and s not in lockstep:
-                one = slice(s, s + 1)
-                sel[s, :k] = greedy_map_batched(
-                    features[one, :ln], lengths[one], ks[one],
-                    None if weights is None else weights[one, :ln], sc, eps, rel_eps,
-                    None if fallback_scores is None else fallback_scores[one, :ln],
-                    materialize, host_loop=host_loop)[0]
-        return sel
+        return greedy_map_batched_many(
+            [GreedyCall(features, lengths, ks, weights, scale, eps, rel_eps, fallback_scores,
+                        materialize)], host_loop=host_loop)[0]
     if host_loop if host_loop is not None else (S == 1 and dev.type == "cpu"):
         if S == 1:
             sel[0] = _greedy_map_host(features[0, :int(lengths[0])], int(ks[0]),
@@ -420,49 +405,171 @@ def _greedy_map_host(H: torch.Tensor, k: int, w: Optional[torch.Tensor], scale: 
     return res
 
 
-def _greedy_map_host_lockstep(features: torch.Tensor, lengths: list, ks: list, segs: list,
-                              weights: Optional[torch.Tensor], sc: float, eps: float,
-                              rel_eps: Optional[float],
-                              fallback_scores: Optional[torch.Tensor],
-                              sel: torch.Tensor) -> None:
-    """The segments ``segs`` of :func:`greedy_map_batched` (CPU, materialised kernels) with
-    the greedy steps of all of them in lockstep, in numpy: step t picks the t-th token of
-    every segment that still picks, so one step costs ~10 array ops over all segments
-    instead of ~10 per segment (on CPU the greedy's cost is that op dispatch; Eq. 7 per
-    segment is unchanged). Each segment gets exactly the arithmetic of
-    :func:`_greedy_map_host` with its kernel materialised -- its own GEMM, the same
-    element-wise products, the same sequential ``einsum`` sums over the previous steps -- so
-    the picks are identical (tested against the per-segment loop); rows past a segment's
-    length are padding (kernel 0, gain -inf). Writes the picks into ``sel`` rows ``segs``."""
+@dataclass
+class GreedyCall:
+    """The arguments of one :func:`greedy_map_batched` call -- typically one video's segments
+    at one stage: ``features`` (S, n_max, C), ``lengths`` and ``ks`` (S,), the rest as there."""
+
+    features: torch.Tensor
+    lengths: torch.Tensor
+    ks: torch.Tensor
+    weights: Optional[torch.Tensor] = None
+    scale: Optional[float] = None
+    eps: float = 1e-10
+    rel_eps: Optional[float] = None
+    fallback_scores: Optional[torch.Tensor] = None
+    materialize: Optional[bool] = None
+
+
+def greedy_map_batched_many(calls: Sequence[GreedyCall], *, per_segment: Optional[bool] = None,
+                            host_loop: Optional[bool] = None) -> List[torch.LongTensor]:
+    """:func:`greedy_map_batched` on several calls at once (one stage boundary's videos):
+    returns exactly ``[greedy_map_batched(**call) for call in calls]``.
+
+    ``per_segment`` (None: for CPU tensors) runs every segment trimmed to its length, as
+    :func:`greedy_map_batched` does for one call, and on CPU the segments of *all* calls
+    whose kernel the host loop materialises (:func:`_host_materializes`) take their greedy
+    steps in lockstep (:func:`_greedy_map_host_lockstep`), grouped into buckets of similar
+    length (:func:`_lockstep_buckets`) -- across videos, since a segment's picks depend on its
+    own tokens only (Eq. 7 per segment, Eq. 9 with the call's scale). Calls are grouped by
+    state dtype, scale, ``eps`` and ``rel_eps``; nothing else about a call changes its
+    picks. Otherwise (``per_segment=False``, or CUDA tensors by default) one padded
+    :func:`greedy_map_batched` per call.
+    """
+    out: List[torch.LongTensor] = []
+    groups: dict = {}      # (state dtype, scale, eps, rel_eps) -> [(call, segment, n, k)]
+    for ci, c in enumerate(calls):
+        feats = c.features
+        dev = feats.device
+        if not ((dev.type == "cpu") if per_segment is None else per_segment):
+            out.append(greedy_map_batched(feats, c.lengths, c.ks, c.weights, c.scale, c.eps,
+                                          c.rel_eps, c.fallback_scores, c.materialize,
+                                          per_segment=False, host_loop=host_loop))
+            continue
+        S, _, C = feats.shape
+        lengths_h = c.lengths.to("cpu", torch.int64)
+        ks_h = c.ks.to("cpu", torch.int64)
+        if bool((ks_h < 0).any()) or bool((ks_h > lengths_h).any()):
+            raise ValueError("every k_s must be in [0, lengths[s]]")
+        sel = torch.full((S, int(ks_h.max()) if S else 0), -1, dtype=torch.int64, device=dev)
+        out.append(sel)
+        sc = (1.0 / C) if c.scale is None else float(c.scale)
+        dt = _state_dtype(feats)
+        key = (dt, sc, float(c.eps), default_rel_eps(dt) if c.rel_eps is None
+               else float(c.rel_eps))
+        for s, (ln, k) in enumerate(zip(lengths_h.tolist(), ks_h.tolist())):
+            if not k:
+                continue
+            if dev.type == "cpu" and host_loop is not False and \
+                    _host_materializes(k, ln, c.materialize):
+                groups.setdefault(key, []).append((ci, s, ln, k))
+            else:
+                sel[s, :k] = _one_segment(c, s, ln, k, sc, host_loop)
+    for (dt, sc, eps, rel), items in groups.items():
+        for bucket in _lockstep_buckets(items):
+            if len(bucket) == 1:   # a single segment runs the plain host loop
+                ci, s, ln, k = bucket[0]
+                out[ci][s, :k] = _one_segment(calls[ci], s, ln, k, sc, host_loop)
+            else:
+                _greedy_map_host_lockstep(calls, bucket, dt, sc, eps, rel, out)
+    return out
+
+
+def _one_segment(c: GreedyCall, s: int, ln: int, k: int, sc: float,
+                 host_loop: Optional[bool]) -> torch.LongTensor:
+    """Segment ``s`` of call ``c`` alone (trimmed to its ``ln`` tokens) -> its k picks."""
+    one = slice(s, s + 1)
+    return greedy_map_batched(
+        c.features[one, :ln], torch.tensor([ln]), torch.tensor([k]),
+        None if c.weights is None else c.weights[one, :ln], sc, c.eps, c.rel_eps,
+        None if c.fallback_scores is None else c.fallback_scores[one, :ln], c.materialize,
+        host_loop=host_loop)[0, :k]
+
+
+# Cost model of one lockstep bucket (M segments padded to n tokens, K steps), per greedy step:
+# a fixed numpy dispatch (~10 small ops), the row gather and element-wise updates over M x n,
+# and the einsum over the previous steps (t x M x n at step t). Seconds, measured on the
+# project's 2-core x86 machines (benchmarks/selection_host.py); only their ratios matter.
+_LOCKSTEP_STEP_S = 25e-6
+_LOCKSTEP_ELEM_S = 2e-9
+_LOCKSTEP_MAC_S = 0.5e-9
+_LOCKSTEP_BUCKET_S = 150e-6
+
+
+def _lockstep_buckets(items: list) -> List[list]:
+    """Split segments ``(call, segment, n, k)`` into lockstep buckets: sorted by length
+    (longest first), cut where the cost model above is lowest (exact dynamic programme over
+    the cut points). One bucket for everything pads every segment to the longest and runs
+    every segment for the largest k (3-5x slower than one call per video on the bench
+    preset's boundaries); one bucket per segment pays the per-step dispatch for each. Which
+    bucket a segment runs in never changes its picks, only the time."""
     import numpy as np
 
-    dev = features.device
-    idx = torch.as_tensor(segs, dtype=torch.int64)
-    M = len(segs)
-    lens = [lengths[s] for s in segs]
-    kk = [ks[s] for s in segs]
+    order = sorted(items, key=lambda it: (-it[2], -it[3]))
+    M = len(order)
+    if M <= 2:
+        return [order] if M else []
+    n = np.array([it[2] for it in order], dtype=np.float64)
+    k = np.array([it[3] for it in order], dtype=np.float64)
+    best = np.zeros(M + 1)
+    cut = np.zeros(M + 1, dtype=np.int64)
+    for j in range(1, M + 1):
+        # buckets order[i:j] for every i < j: padded to n[i], steps = max k over i..j-1
+        K = np.maximum.accumulate(k[j - 1::-1])[::-1]
+        m = np.arange(j, 0, -1, dtype=np.float64)
+        cost = best[:j] + _LOCKSTEP_BUCKET_S + K * (
+            _LOCKSTEP_STEP_S + m * n[:j] * (_LOCKSTEP_ELEM_S + _LOCKSTEP_MAC_S * K / 2))
+        i = int(np.argmin(cost))
+        best[j], cut[j] = cost[i], i
+    buckets, j = [], M
+    while j > 0:
+        buckets.append(order[cut[j]:j])
+        j = int(cut[j])
+    return buckets[::-1]
+
+
+def _greedy_map_host_lockstep(calls: Sequence[GreedyCall], items: list, dt: torch.dtype,
+                              sc: float, eps: float, rel: float,
+                              out: List[torch.LongTensor]) -> None:
+    """The segments ``items`` ``(call, segment, n, k)`` of :func:`greedy_map_batched_many`
+    (CPU, materialised kernels, one state dtype / scale / eps / rel_eps) with the greedy steps
+    of all of them in lockstep, in numpy: step t picks the t-th token of every segment that
+    still picks, so one step costs ~10 array ops over all segments instead of ~10 per
+    segment (on CPU the greedy's cost is that op dispatch; Eq. 7 per segment is unchanged).
+    Each segment gets exactly the arithmetic of :func:`_greedy_map_host` with its kernel
+    materialised -- its own GEMM, the same element-wise products, the same sequential
+    ``einsum`` sums over the previous steps -- so the picks are identical (tested against the
+    per-segment loop); rows past a segment's length are padding (kernel 0, gain -inf).
+    Writes the picks into ``out[call]`` rows ``segment``."""
+    import numpy as np
+
+    M = len(items)
+    lens = [it[2] for it in items]
     n = max(lens)
-    kmax = max(kk)
-    dt = _state_dtype(features)
-    every = segs == list(range(features.shape[0])) and n == features.shape[1]
-    H = (features if every else features[idx, :n]).to(dt)           # (M, n, C); no gather
-    ar_n = torch.arange(n)
-    valid = ar_n.unsqueeze(0) < torch.as_tensor(lens).unsqueeze(1)     # (M, n)
-    w = torch.ones(M, n, dtype=dt) if weights is None else weights[idx, :n].to(dev, dt)
-    diag = torch.where(valid, (H * H).sum(-1) * sc * w * w, torch.zeros((), dtype=dt))
-    rel = default_rel_eps(dt) if rel_eps is None else rel_eps
-    tie_t = diag.max(-1).values.clamp_min(0) * rel
-    tie, thr = tie_t.numpy(), tie_t.clamp_min(eps).numpy()
+    kmax = max(it[3] for it in items)
+    prep = {}            # per call: state-dtype features and weights, kernel diagonal (Eq. 9)
+    for ci in dict.fromkeys(it[0] for it in items):
+        c = calls[ci]
+        H = c.features.to(dt)
+        w = torch.ones(H.shape[:2], dtype=dt) if c.weights is None else c.weights.to(dt)
+        prep[ci] = (H, w, (H * H).sum(-1) * sc * w * w)
     G = torch.zeros(M, n, n, dtype=dt)
-    for i, ln in enumerate(lens):   # each segment's own GEMM, as the per-segment loop forms it
-        G[i, :ln, :ln] = H[i, :ln] @ H[i, :ln].T
-    G.mul_(sc).mul_(w.unsqueeze(-1)).mul_(w.unsqueeze(1))
+    W = torch.zeros(M, n, dtype=dt)
+    D = torch.zeros(M, n, dtype=dt)
+    for i, (ci, s, ln, _) in enumerate(items):  # each segment's own GEMM, as alone
+        H, w, diag = prep[ci]
+        G[i, :ln, :ln] = H[s, :ln] @ H[s, :ln].T
+        W[i, :ln] = w[s, :ln]
+        D[i, :ln] = diag[s, :ln]
+    G.mul_(sc).mul_(W.unsqueeze(-1)).mul_(W.unsqueeze(1))
     Gn = G.numpy()
-    cand = np.where(valid.numpy(), diag.numpy(), -np.inf).astype(Gn.dtype)
+    tie_t = D.max(-1).values.clamp_min(0) * rel
     # per-segment scalars as (M, 1) columns, so that no step makes a broadcast view of them
-    tie, thr = tie[:, None], thr[:, None]
+    tie, thr = tie_t.numpy()[:, None], tie_t.clamp_min(eps).numpy()[:, None]
+    valid = np.arange(n)[None, :] < np.array(lens)[:, None]
+    cand = np.where(valid, D.numpy(), -np.inf).astype(Gn.dtype)
     c = np.zeros((kmax, M, n), dtype=Gn.dtype)
-    out = np.full((M, kmax), -1, dtype=np.int64)
+    res = np.full((M, kmax), -1, dtype=np.int64)
     ar = np.arange(M)
     active = np.ones((M, 1), dtype=bool)     # every segment here picks (k > 0)
     went = np.zeros((kmax, M, 1), dtype=bool)       # went[t]: the segments active at step t
@@ -477,7 +584,7 @@ def _greedy_map_host_lockstep(features: torch.Tensor, lengths: list, ks: list, s
             went[step] = active
             # every segment computes (views, no copies); only the active ones' picks count:
             # a segment stops for good, so what an inactive one computes or writes into
-            # ``out`` past its last active step is never read (``picked`` bounds it)
+            # ``res`` past its last active step is never read (``picked`` bounds it)
             j = np.argmax(cand >= mx - tie, axis=1)
             row = Gn[ar, j]
             if step:
@@ -486,17 +593,18 @@ def _greedy_map_host_lockstep(features: torch.Tensor, lengths: list, ks: list, s
             c[step] = e
             cand -= e * e
             cand[ar, j] = -math.inf
-            out[:, step] = j
+            res[:, step] = j
     picked = went.sum(axis=0)[:, 0]
-    res = torch.from_numpy(out)
-    for i, s in enumerate(segs):
-        k, m, ln = kk[i], int(picked[i]), lens[i]
+    res_t = torch.from_numpy(res)
+    for i, (ci, s, ln, k) in enumerate(items):
+        m = int(picked[i])
         if m < k:
             avail = torch.ones(ln, dtype=torch.bool)
-            avail[res[i, :m]] = False
-            fb = diag[i, :ln] if fallback_scores is None else fallback_scores[s, :ln].to(dev, dt)
-            res[i, m:k] = fallback_order(fb.unsqueeze(0), avail.unsqueeze(0))[0, :k - m]
-        sel[s, :k] = res[i, :k].to(sel.device)
+            avail[res_t[i, :m]] = False
+            fbs = calls[ci].fallback_scores
+            fb = D[i, :ln] if fbs is None else fbs[s, :ln].to(dt)
+            res_t[i, m:k] = fallback_order(fb.unsqueeze(0), avail.unsqueeze(0))[0, :k - m]
+        out[ci][s, :k] = res_t[i, :k]
 
 
 # ------------------------------------------------------------------------------------------
@@ -560,6 +668,8 @@ class _Prepared:
     scale: float = 1.0
     sums: Optional[torch.Tensor] = None        # (M, C) segment sums on the device (Eq. 4)
     sums_h: Optional[object] = None            # the same read back (numpy), set by the caller
+    ks_h: Optional[torch.Tensor] = None        # the Eq. 4-5 counts (M,) on the host
+    sel: Optional[torch.Tensor] = None         # the greedy's picks (M, max k), DPP stage
 
 
 def _prepare_stage(inp: StageInput) -> _Prepared:
@@ -604,12 +714,18 @@ def _prepare_stage(inp: StageInput) -> _Prepared:
     return p
 
 
-def _finish_stage(p: _Prepared, greedy: Optional[Callable[..., torch.Tensor]]
-                  ) -> Tuple[torch.LongTensor, Optional[torch.Tensor]]:
-    """Counts (Eq. 4-5, on the host) and picks of a prepared stage -> (kept positions, kept
-    tokens per segment on the host)."""
+def _stage_counts(p: _Prepared) -> None:
+    """The Eq. 4-5 counts of a prepared stage that selects (on the host, from the segment
+    sums read back) -> ``p.ks_h``."""
     from .schedule import segment_counts_from_sums
 
+    p.ks_h = torch.from_numpy(segment_counts_from_sums(
+        p.sums_h, p.lengths_h.numpy(), p.n, int(p.inp.target), p.inp.config))
+
+
+def _finish_stage(p: _Prepared) -> Tuple[torch.LongTensor, Optional[torch.Tensor]]:
+    """Picks of a prepared stage -> (kept positions, kept tokens per segment on the host):
+    the greedy's (``p.sel``) at a DPP stage, the per-segment top-k of a relevance-only one."""
     inp = p.inp
     if p.done is not None:
         counts = None
@@ -617,16 +733,10 @@ def _finish_stage(p: _Prepared, greedy: Optional[Callable[..., torch.Tensor]]
             counts = p.lengths_h.clone() if p.done.numel() == p.n else torch.zeros_like(
                 p.lengths_h)
         return p.done, counts
-    n, target, cfg = p.n, int(inp.target), inp.config
+    n, target, ks_h = p.n, int(inp.target), p.ks_h
     dev = inp.hidden.device
-    ks_h = torch.from_numpy(segment_counts_from_sums(p.sums_h, p.lengths_h.numpy(), n, target,
-                                                     cfg))
-    index, valid, r_pad = p.index, p.valid, p.r_pad
-    if inp.use_dpp:
-        sel = (greedy or greedy_map_batched)(p.feats, p.lengths_h, ks_h, weights=r_pad,
-                                             scale=p.scale, eps=cfg.dpp_eps,
-                                             fallback_scores=r_pad)
-    else:
+    index, valid, r_pad, sel = p.index, p.valid, p.r_pad, p.sel
+    if not inp.use_dpp:
         key = torch.where(valid, -r_pad, torch.full_like(r_pad, float("inf")))
         sel = torch.sort(key, dim=-1, stable=True).indices[:, : int(ks_h.max())]
         ar = torch.arange(sel.shape[1], device=dev).unsqueeze(0)
@@ -639,14 +749,21 @@ def _finish_stage(p: _Prepared, greedy: Optional[Callable[..., torch.Tensor]]
 
 
 def frame_level_select_many(inputs: Sequence[StageInput], *,
-                            greedy: Optional[Callable[..., torch.Tensor]] = None
+                            greedy: Optional[Callable[..., torch.Tensor]] = None,
+                            greedy_many: Optional[Callable[[List[GreedyCall]],
+                                                           List[torch.Tensor]]] = None
                             ) -> List[Tuple[torch.LongTensor, Optional[torch.Tensor]]]:
     """:func:`frame_level_select` on several videos (one stage boundary of a batch), with
     one device read for all of them: first every video's device work that does not need its
     per-segment counts (:func:`_prepare_stage`), then one read of all the videos' Eq. 4
-    segment sums, then per video the counts on the host and the picks. Each video gets
-    exactly the computation of :func:`frame_level_select` (the same ops on its own tensors),
-    so the same kept tokens whatever else is in the batch.
+    segment sums, then per video the counts on the host, then the greedy MAP of every DPP
+    video in one call (``greedy_many``, default :func:`greedy_map_batched_many`: on CPU the
+    segments of all videos in length buckets, in lockstep), then the picks. Each video gets
+    exactly the computation of :func:`frame_level_select` (a segment's greedy depends on its
+    own tokens only), so the same kept tokens whatever else is in the batch.
+
+    ``greedy``: a one-call greedy (signature of :func:`greedy_map_batched`) called per video
+    instead, when ``greedy_many`` is not given.
 
     On CUDA, with every ``lengths`` given, that one read is the only host synchronisation
     of the boundary (the greedy dispatch of ``hieravid_kernels`` copies the counts to the
@@ -665,7 +782,20 @@ def frame_level_select_many(inputs: Sequence[StageInput], *,
         for p in need:
             p.sums_h = flat[at:at + p.sums.numel()].reshape(p.sums.shape)
             at += p.sums.numel()
-    return [_finish_stage(p, greedy) for p in preps]
+    for p in preps:
+        if p.done is None:
+            _stage_counts(p)
+    dpp = [p for p in preps if p.done is None and p.inp.use_dpp]
+    calls = [GreedyCall(p.feats, p.lengths_h, p.ks_h, weights=p.r_pad, scale=p.scale,
+                        eps=p.inp.config.dpp_eps, fallback_scores=p.r_pad) for p in dpp]
+    if greedy_many is None and greedy is not None:
+        sels = [greedy(c.features, c.lengths, c.ks, weights=c.weights, scale=c.scale,
+                       eps=c.eps, fallback_scores=c.fallback_scores) for c in calls]
+    else:
+        sels = (greedy_many or greedy_map_batched_many)(calls) if calls else []
+    for p, sel in zip(dpp, sels):
+        p.sel = sel
+    return [_finish_stage(p) for p in preps]
 
 
 def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],

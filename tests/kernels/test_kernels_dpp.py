@@ -161,6 +161,33 @@ def test_greedy_dispatch_cpu_uses_reference(gen):
                        ref.greedy_map_batched(H64, lengths, ks))
 
 
+def test_greedy_many_dispatch(gen, monkeypatch):
+    """``hk.greedy_map_batched_many``: each call gets what the reference gives it alone.
+    Forced to Triton, a float32 call is one Triton launch and a float64 call goes to the
+    reference; on CPU tensors by default every call goes to the reference's batched path
+    (length buckets across calls) and no Triton launch happens."""
+    import hieravid_kernels.dpp as kd
+    launches = []
+    real = kd.greedy_map_batched_triton
+    monkeypatch.setattr(kd, "greedy_map_batched_triton",
+                        lambda *a, **kw: launches.append(a[0].dtype) or real(*a, **kw))
+    calls = []
+    for i, (S, n_max, C, dt) in enumerate([(3, 12, 8, torch.float32), (2, 9, 8, torch.float64),
+                                           (4, 15, 8, torch.float32)]):
+        lengths, ks = _segments(S, n_max, gen)
+        calls.append(ref.GreedyCall(torch.randn(S, n_max, C, generator=gen, dtype=dt),
+                                    lengths, ks, torch.rand(S, n_max, generator=gen,
+                                                            dtype=dt) + 0.5))
+    want = [ref.greedy_map_batched(c.features, c.lengths, c.ks, c.weights) for c in calls]
+    with hk.poisoned_outputs():
+        got = hk.greedy_map_batched_many(calls, backend="triton")
+    assert launches == [torch.float32, torch.float32]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    launches.clear()
+    got = hk.greedy_map_batched_many(calls)
+    assert launches == [] and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 # ------------------------------------------------------------------------------------------
 # experimental multi-program kernel (``split``): each segment over several programs
 # ------------------------------------------------------------------------------------------

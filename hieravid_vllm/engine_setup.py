@@ -307,9 +307,14 @@ def select_v1_runner(engine_args) -> None:
 
 
 def check_kernel_env() -> None:
-    """Start-up check of the kernels' launch setting ``HIERAVID_DPP_SPLIT`` (read by every
-    worker at its first selection): a bad value stops start-up naming the variable instead of
-    failing the first video request inside the engine."""
+    """Start-up check of the kernels' launch setting ``HIERAVID_DPP_SPLIT`` and of the CPU
+    greedy's host loop ``HIERAVID_HOST_GREEDY`` (read by every worker at its first
+    selection): a bad value stops start-up naming the variable instead of failing the first
+    video request inside the engine. With numba, the host loop is compiled here once
+    (numba's disk cache then spares the workers the compilation)."""
+    from hieravid_vllm.core.dpp import warm_host_greedy
+
+    warm_host_greedy()
     try:
         from hieravid_kernels.dpp import default_split
     except ImportError:  # pragma: no cover - the package ships both

@@ -42,6 +42,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .config import HieraVidConfig
@@ -357,7 +358,6 @@ def _greedy_map_host(H: torch.Tensor, k: int, w: Optional[torch.Tensor], scale: 
     """One segment of :func:`greedy_map_batched` (tokens ``H`` (n, C), all valid) with the
     greedy steps in numpy: same state dtype, kernel rows, stop rule, tie band, fallback and
     return layout ((width,) padded -1). Kernel L~_ij = w_i w_j <h_i, h_j> * scale (Eq. 9)."""
-    import numpy as np
 
     n, C = H.shape
     dt = _state_dtype(H)
@@ -366,6 +366,11 @@ def _greedy_map_host(H: torch.Tensor, k: int, w: Optional[torch.Tensor], scale: 
     wt = torch.ones(n, dtype=dt, device=H.device) if w is None else w.to(H.device, dt)
     diag_t = (Ht * Ht).sum(-1) * sc * wt * wt
     rel = default_rel_eps(dt) if rel_eps is None else rel_eps
+    if _host_materializes(k, n, materialize) and host_greedy_backend() == "numba":
+        res = torch.full((width,), -1, dtype=torch.int64)
+        res[:k] = _greedy_host_packed([(Ht, wt, diag_t, k, fallback_scores)], dt, sc, eps,
+                                      rel)[0]
+        return res.to(H.device)
     tie_t = diag_t.max().clamp_min(0) * rel     # as the torch loop rounds them
     tie, thr = tie_t.cpu().numpy()[()], tie_t.clamp_min(eps).cpu().numpy()[()]
     G = None
@@ -465,7 +470,17 @@ def greedy_map_batched_many(calls: Sequence[GreedyCall], *, per_segment: Optiona
                 groups.setdefault(key, []).append((ci, s, ln, k))
             else:
                 sel[s, :k] = _one_segment(c, s, ln, k, sc, host_loop)
+    numba_loop = bool(groups) and host_greedy_backend() == "numba"
     for (dt, sc, eps, rel), items in groups.items():
+        if numba_loop:     # every segment of the group in one compiled call
+            state = {ci: _call_state(calls[ci], dt, sc) for ci in dict.fromkeys(
+                it[0] for it in items)}
+            segs = [(state[ci][0][s, :ln], state[ci][1][s, :ln], state[ci][2][s, :ln], k,
+                     None if calls[ci].fallback_scores is None
+                     else calls[ci].fallback_scores[s, :ln]) for ci, s, ln, k in items]
+            for (ci, s, _, k), sel in zip(items, _greedy_host_packed(segs, dt, sc, eps, rel)):
+                out[ci][s, :k] = sel
+            continue
         for bucket in _lockstep_buckets(items):
             if len(bucket) == 1:   # a single segment runs the plain host loop
                 ci, s, ln, k = bucket[0]
@@ -473,6 +488,14 @@ def greedy_map_batched_many(calls: Sequence[GreedyCall], *, per_segment: Optiona
             else:
                 _greedy_map_host_lockstep(calls, bucket, dt, sc, eps, rel, out)
     return out
+
+
+def _call_state(c: GreedyCall, dt: torch.dtype, sc: float):
+    """A call's features and weights in the state dtype, and its kernel diagonal
+    L~_ii = w_i^2 <h_i, h_i> * scale (Eq. 9), for all its segments at once."""
+    H = c.features.to(dt)
+    w = torch.ones(H.shape[:2], dtype=dt) if c.weights is None else c.weights.to(dt)
+    return H, w, (H * H).sum(-1) * sc * w * w
 
 
 def _one_segment(c: GreedyCall, s: int, ln: int, k: int, sc: float,
@@ -503,7 +526,6 @@ def _lockstep_buckets(items: list) -> List[list]:
     every segment for the largest k (3-5x slower than one call per video on the bench
     preset's boundaries); one bucket per segment pays the per-step dispatch for each. Which
     bucket a segment runs in never changes its picks, only the time."""
-    import numpy as np
 
     order = sorted(items, key=lambda it: (-it[2], -it[3]))
     M = len(order)
@@ -541,18 +563,12 @@ def _greedy_map_host_lockstep(calls: Sequence[GreedyCall], items: list, dt: torc
     ``einsum`` sums over the previous steps -- so the picks are identical (tested against the
     per-segment loop); rows past a segment's length are padding (kernel 0, gain -inf).
     Writes the picks into ``out[call]`` rows ``segment``."""
-    import numpy as np
 
     M = len(items)
     lens = [it[2] for it in items]
     n = max(lens)
     kmax = max(it[3] for it in items)
-    prep = {}            # per call: state-dtype features and weights, kernel diagonal (Eq. 9)
-    for ci in dict.fromkeys(it[0] for it in items):
-        c = calls[ci]
-        H = c.features.to(dt)
-        w = torch.ones(H.shape[:2], dtype=dt) if c.weights is None else c.weights.to(dt)
-        prep[ci] = (H, w, (H * H).sum(-1) * sc * w * w)
+    prep = {ci: _call_state(calls[ci], dt, sc) for ci in dict.fromkeys(it[0] for it in items)}
     G = torch.zeros(M, n, n, dtype=dt)
     W = torch.zeros(M, n, dtype=dt)
     D = torch.zeros(M, n, dtype=dt)
@@ -605,6 +621,147 @@ def _greedy_map_host_lockstep(calls: Sequence[GreedyCall], items: list, dt: torc
             fb = D[i, :ln] if fbs is None else fbs[s, :ln].to(dt)
             res_t[i, m:k] = fallback_order(fb.unsqueeze(0), avail.unsqueeze(0))[0, :k - m]
         out[ci][s, :k] = res_t[i, :k]
+
+
+# ------------------------------------------------------------------------------------------
+# the greedy steps on the host, compiled (numba)
+# ------------------------------------------------------------------------------------------
+#: env: which host loop runs the greedy steps of materialised kernels on CPU -- ``auto``
+#: (default: numba when it imports -- vLLM installs it --, else numpy), ``numba`` (an error
+#: without it) or ``numpy`` (the lockstep numpy loops)
+ENV_HOST_GREEDY = "HIERAVID_HOST_GREEDY"
+_COMPILED: dict = {}
+
+
+def host_greedy_backend() -> str:
+    """``"numba"`` or ``"numpy"``: the loop that runs the greedy steps of materialised kernels
+    on CPU (env ``HIERAVID_HOST_GREEDY``, see :data:`ENV_HOST_GREEDY`)."""
+    import os
+
+    raw = os.environ.get(ENV_HOST_GREEDY, "").strip().lower() or "auto"
+    if raw not in ("auto", "numba", "numpy"):
+        raise ValueError(f"{ENV_HOST_GREEDY} must be 'auto', 'numba' or 'numpy', got {raw!r}")
+    if raw == "numpy":
+        return "numpy"
+    if "numba" not in _COMPILED:
+        try:
+            import numba
+        except ImportError:
+            if raw == "numba":
+                raise ImportError(f"{ENV_HOST_GREEDY}=numba but numba does not import") from None
+            _COMPILED["numba"] = None
+        else:
+            # cache=True: compiled once per machine (the package's __pycache__, else numba's
+            # user cache); nogil: the engine's other threads run meanwhile
+            _COMPILED["numba"] = numba.njit(cache=True, nogil=True)(_greedy_steps_packed)
+    return "numpy" if _COMPILED["numba"] is None else "numba"
+
+
+def warm_host_greedy() -> str:
+    """Check ``HIERAVID_HOST_GREEDY`` and, with numba, compile the host loop for float32 state
+    now (a 2-token kernel; numba caches the machine code on disk, so later processes load it
+    instead of compiling, ~0.5 s). Returns the backend. Called at server start-up."""
+    backend = host_greedy_backend()
+    if backend == "numba":
+        H = torch.eye(2)
+        _greedy_host_packed([(H, torch.ones(2), torch.ones(2), 1, None)], torch.float32, 1.0,
+                            1e-10, default_rel_eps(torch.float32))
+    return backend
+
+
+def _greedy_steps_packed(G, goff, cand_all, doff, ks, tie, thr, out, ooff, picked):
+    """The greedy steps (Chen et al. 2018) of many materialised segment kernels, one after
+    another, compiled by numba (plain Python otherwise). Segment s: n = doff[s+1] - doff[s]
+    tokens, its kernel G[goff[s]:][:n*n] row-major, gains d^2 = cand_all[doff[s]:][:n]
+    (updated in place), k = ks[s] picks into out[ooff[s]:], the number made into picked[s].
+    Per step exactly the rules of :func:`_greedy_map_host` (module docstring): stop for good
+    unless thr <= max gain < inf (a NaN gain stops), pick the lowest index within the tie
+    band, e = (L_j - sum_t c_tj c_t) / sqrt(max gain) with the sum over the previous steps
+    accumulated in step order, d^2 -= e^2. Sequential loops, so the result does not depend on
+    a thread count."""
+    for s in range(ks.shape[0]):
+        n = doff[s + 1] - doff[s]
+        k = ks[s]
+        g0, d0, o0 = goff[s], doff[s], ooff[s]
+        cand = cand_all[d0:d0 + n]
+        c = np.zeros((k, n), dtype=G.dtype)
+        acc = np.empty(n, dtype=G.dtype)
+        m = 0
+        for step in range(k):
+            mx = cand[0]
+            stop = mx != mx
+            for i in range(1, n):
+                v = cand[i]
+                if v != v:
+                    stop = True
+                elif v > mx:
+                    mx = v
+            if stop or not (mx >= thr[s] and mx < np.inf):
+                break
+            lim = mx - tie[s]
+            j = 0
+            while not cand[j] >= lim:
+                j += 1
+            for i in range(n):
+                acc[i] = 0
+            for t in range(step):
+                a = c[t, j]
+                for i in range(n):
+                    acc[i] += a * c[t, i]
+            d = np.sqrt(mx)
+            row = g0 + j * n
+            for i in range(n):
+                e = (G[row + i] - acc[i]) / d
+                c[step, i] = e
+                cand[i] -= e * e
+            cand[j] = -np.inf
+            out[o0 + step] = j
+            m = step + 1
+        picked[s] = m
+
+
+def _greedy_host_packed(segs: list, dt: torch.dtype, sc: float, eps: float,
+                        rel: float) -> List[torch.LongTensor]:
+    """Greedy MAP of materialised segment kernels in one compiled call. ``segs``: per segment
+    (H (n, C) and w (n,) in the state dtype, the kernel diagonal (n,) as Eq. 9 gives it,
+    k, fallback scores (n,) or None). Each kernel is its own GEMM, scaled and weighted as
+    :func:`_greedy_map_host` forms it; tie = rel * max(max diag, 0), thr = max(tie, eps) per
+    segment; the fallback fills a segment whose greedy stopped early. -> picks (k,) each."""
+
+    npdt = np.float64 if dt == torch.float64 else np.float32
+    Gs, Ds, lens, ks = [], [], [], []
+    for H, w, diag, k, _ in segs:
+        Gs.append((H @ H.T).mul_(sc).mul_(w.unsqueeze(-1)).mul_(w.unsqueeze(0)).reshape(-1))
+        Ds.append(diag)
+        lens.append(H.shape[0])
+        ks.append(k)
+    G = torch.cat(Gs).numpy()
+    D = torch.cat(Ds).numpy()
+    lens_a = np.array(lens, dtype=np.int64)
+    doff = np.zeros(len(segs) + 1, dtype=np.int64)
+    np.cumsum(lens_a, out=doff[1:])
+    goff = np.zeros(len(segs), dtype=np.int64)
+    np.cumsum(lens_a[:-1] ** 2, out=goff[1:])
+    ks_a = np.array(ks, dtype=np.int64)
+    ooff = np.zeros(len(segs), dtype=np.int64)
+    np.cumsum(ks_a[:-1], out=ooff[1:])
+    tie = np.maximum(np.maximum.reduceat(D, doff[:-1]), 0).astype(npdt) * npdt(rel)
+    thr = np.maximum(tie, npdt(eps))
+    out = np.full(int(ks_a.sum()), -1, dtype=np.int64)
+    picked = np.zeros(len(segs), dtype=np.int64)
+    _COMPILED["numba"](G, goff, D.copy(), doff, ks_a, tie, thr, out, ooff, picked)
+    res = []
+    for i, (_, _, diag, k, fb) in enumerate(segs):
+        sel = torch.from_numpy(out[ooff[i]:ooff[i] + k])
+        m = int(picked[i])
+        if m < k:
+            n = lens[i]
+            avail = torch.ones(n, dtype=torch.bool)
+            avail[sel[:m]] = False
+            f = diag if fb is None else fb.to(dt)
+            sel[m:] = fallback_order(f.unsqueeze(0), avail.unsqueeze(0))[0, :k - m]
+        res.append(sel)
+    return res
 
 
 # ------------------------------------------------------------------------------------------

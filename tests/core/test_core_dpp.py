@@ -11,6 +11,14 @@ from hieravid_vllm.core.dpp import (block_diagonal_kernel, dpp_kernel, frame_lev
                                     greedy_map, greedy_map_batched, relevance)
 
 
+@pytest.fixture(params=["numba", "numpy"])
+def host_greedy(request, monkeypatch):
+    """Both host loops of the CPU greedy: compiled (numba, the default where it imports)
+    and the numpy loops (lockstep buckets)."""
+    monkeypatch.setenv("HIERAVID_HOST_GREEDY", request.param)
+    return request.param
+
+
 def _logdet(L, idx):
     if not idx:
         return 0.0
@@ -151,7 +159,7 @@ def test_batched_materialize_and_fallback_agree():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("materialize", [True, False])
-def test_host_loop_equals_torch_loop_and_bruteforce(dtype, materialize):
+def test_host_loop_equals_torch_loop_and_bruteforce(dtype, materialize, host_greedy):
     """The numpy greedy loop (CPU default for one segment) picks what the torch loop and the
     float64 brute-force log-det greedy pick on full-rank kernels, and on a rank-deficient
     one (duplicates) stops and falls back exactly like the torch loop."""
@@ -183,19 +191,20 @@ def test_host_loop_equals_torch_loop_and_bruteforce(dtype, materialize):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_segments_in_lockstep_equal_each_segment_alone(dtype, monkeypatch):
+def test_segments_in_lockstep_equal_each_segment_alone(dtype, monkeypatch, host_greedy):
     """CPU, several segments on materialised kernels: the greedy steps of the segments run in
-    lockstep (``_greedy_map_host_lockstep``, in length buckets). Each segment's picks equal
-    the padded torch loop
-    over all segments (``per_segment=False``, a second formulation) and the numpy loop on that
+    one compiled call (``_greedy_host_packed``, numba) or in lockstep
+    (``_greedy_map_host_lockstep``, numpy, in length buckets). Each segment's picks equal
+    the padded torch loop over all segments (``per_segment=False``, a second formulation) and the numpy loop on that
     segment alone, and on full-rank segments the float64 brute-force log-det greedy; with
     duplicated tokens (early stops, fallback), NaN-free ties, k = 0 and k = n included."""
     import hieravid_vllm.core.dpp as dpp
 
     calls = []
-    real = dpp._greedy_map_host_lockstep
-    monkeypatch.setattr(dpp, "_greedy_map_host_lockstep",
-                        lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
+    spied = "_greedy_host_packed" if host_greedy == "numba" else "_greedy_map_host_lockstep"
+    real = getattr(dpp, spied)
+    monkeypatch.setattr(dpp, spied, lambda *a, **kw: calls.append(len(a[1] if spied.endswith(
+        "lockstep") else a[0])) or real(*a, **kw))
     g = torch.Generator().manual_seed(3)
     ran = 0
     for trial in range(40):
@@ -217,7 +226,9 @@ def test_segments_in_lockstep_equal_each_segment_alone(dtype, monkeypatch):
         got = greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb,
                                  materialize=True)
         picking = int((ks > 0).sum())
-        assert sum(calls) <= picking and (bool(calls) or picking < 2)   # lockstep ran
+        assert sum(calls) <= picking and (bool(calls) or picking < 2)   # the path ran
+        if host_greedy == "numba":
+            assert calls == [picking] if picking else calls == []
         ran += picking > 1
         padded = greedy_map_batched(H, lengths, ks, weights=w, fallback_scores=fb,
                                     materialize=True, per_segment=False)
@@ -264,15 +275,17 @@ def _random_calls(g, num, dtype_of):
     return calls
 
 
-@pytest.mark.parametrize("buckets", ["model", "one", "each", "pairs"])
+@pytest.mark.parametrize("buckets", ["numba", "model", "one", "each", "pairs"])
 def test_greedy_map_batched_many_equals_each_call_alone(buckets, monkeypatch):
     """Several calls (videos) at once: on CPU the segments of all calls run in length
     buckets, in lockstep, across calls. Whatever the bucketing (the cost model's, one bucket,
     one per segment, pairs), every call gets exactly what it gets alone -- the padded torch
     loop (``per_segment=False``, a second formulation), each segment alone in the numpy
     loop, and on full-rank segments the float64 brute-force log-det greedy -- with calls of
-    different dtypes, scales, eps and fallbacks mixed."""
+    different dtypes, scales, eps and fallbacks mixed. ``numba``: the compiled loop runs
+    every call's segments instead, against the same references."""
     import hieravid_vllm.core.dpp as dpp
+    monkeypatch.setenv("HIERAVID_HOST_GREEDY", "numba" if buckets == "numba" else "numpy")
     real = dpp._lockstep_buckets
     forced = {"one": lambda items: [sorted(items, key=lambda it: -it[2])],
               "each": lambda items: [[it] for it in items],
@@ -312,11 +325,11 @@ def test_greedy_map_batched_many_equals_each_call_alone(buckets, monkeypatch):
                     L = _explicit_segment_kernel(c.features[s, :n].double(), w.double(),
                                                  1.0 / C if c.scale is None else c.scale)
                     assert got[ci][s, :k].tolist() == brute_greedy(L.numpy(), k)
-    if buckets != "each":
+    if buckets not in ("each", "numba"):
         assert mixed >= 3       # buckets held segments of several calls
 
 
-def test_greedy_map_batched_many_keeps_each_calls_scale_and_eps():
+def test_greedy_map_batched_many_keeps_each_calls_scale_and_eps(host_greedy):
     """Calls that differ only in scale or eps share no bucket's scalars: with the kernel
     scaled below eps (every gain under the stop threshold) a call's greedy stops at once and
     its picks are the fallback order (kernel diagonal descending, computed here directly),
@@ -493,7 +506,7 @@ def _stage_inputs(seed):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_frame_level_select_many_equals_one_by_one(seed):
+def test_frame_level_select_many_equals_one_by_one(seed, host_greedy):
     """Several videos at once (one read of all their segment sums) keep, per video, what
     frame_level_select keeps alone; the kept tokens per segment returned for the next stage
     equal a count of the kept tokens' segment ids and the Eq. 4-5 counts of

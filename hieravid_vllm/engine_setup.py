@@ -310,11 +310,11 @@ def check_kernel_env() -> None:
     """Start-up check of the kernels' launch setting ``HIERAVID_DPP_SPLIT`` and of the CPU
     greedy's host loop ``HIERAVID_HOST_GREEDY`` (read by every worker at its first
     selection): a bad value stops start-up naming the variable instead of failing the first
-    video request inside the engine. With numba, the host loop is compiled here once
-    (numba's disk cache then spares the workers the compilation)."""
-    from hieravid_vllm.core.dpp import warm_host_greedy
+    video request inside the engine. (numba itself is imported by the workers only, see
+    :func:`hieravid_vllm.core.dpp.check_host_greedy_env`.)"""
+    from hieravid_vllm.core.dpp import check_host_greedy_env
 
-    warm_host_greedy()
+    check_host_greedy_env()
     try:
         from hieravid_kernels.dpp import default_split
     except ImportError:  # pragma: no cover - the package ships both

@@ -730,6 +730,15 @@ class HieraVidStagesMixin:
         L = num_llm_layers(self.config)
         self.hieravid_boundaries = list(opts.config.stage_boundaries(L)) if opts else [0]
         self.hieravid_state = StageState()
+        if opts is not None:
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                # the CPU greedy's compiled loop: loaded (or compiled) now, not at the first
+                # video (GPUs run the greedy in Triton)
+                from hieravid_vllm.core.dpp import warm_host_greedy
+
+                warm_host_greedy()
 
     def hieravid_add_video_output(self, row: torch.Tensor, res) -> None:
         """Record the input-stage layout of a video's output row (full mode only)."""

@@ -257,7 +257,9 @@ def greedy_map_batched(features: torch.Tensor, lengths: torch.Tensor, ks: torch.
     the same steps per segment, without the padded batch's work (S n_max k_max^2 instead of
     sum_s n_s k_s^2) and per-step op overheads; 2-10x faster on CPU, where a batched launch
     buys nothing (benchmarks/kernels.py). Segments whose kernel the host loop materialises
-    take their greedy steps in lockstep (:func:`_greedy_map_host_lockstep`, same picks).
+    run their greedy steps in one compiled call (:func:`_greedy_host_packed`, numba) or,
+    without numba, in lockstep (:func:`_greedy_map_host_lockstep`); see
+    :func:`greedy_map_batched_many`.
 
     ``host_loop`` (None: one segment on CPU tensors): run the greedy steps of one segment in
     numpy on the same float32/float64 state (:func:`_greedy_map_host`) -- the same
@@ -432,14 +434,24 @@ def greedy_map_batched_many(calls: Sequence[GreedyCall], *, per_segment: Optiona
     returns exactly ``[greedy_map_batched(**call) for call in calls]``.
 
     ``per_segment`` (None: for CPU tensors) runs every segment trimmed to its length, as
-    :func:`greedy_map_batched` does for one call, and on CPU the segments of *all* calls
-    whose kernel the host loop materialises (:func:`_host_materializes`) take their greedy
-    steps in lockstep (:func:`_greedy_map_host_lockstep`), grouped into buckets of similar
-    length (:func:`_lockstep_buckets`) -- across videos, since a segment's picks depend on its
-    own tokens only (Eq. 7 per segment, Eq. 9 with the call's scale). Calls are grouped by
-    state dtype, scale, ``eps`` and ``rel_eps``; nothing else about a call changes its
-    picks. Otherwise (``per_segment=False``, or CUDA tensors by default) one padded
+    :func:`greedy_map_batched` does for one call. On CPU the segments of *all* calls whose
+    kernel the host loop materialises (:func:`_host_materializes`) are run together, across
+    videos, since a segment's picks depend on its own tokens only (Eq. 7 per segment, Eq. 9
+    with the call's scale): with numba (:func:`host_greedy_backend`) in one compiled call
+    (:func:`_greedy_host_packed`), without it in lockstep numpy steps
+    (:func:`_greedy_map_host_lockstep`) over buckets of similar length
+    (:func:`_lockstep_buckets`). Calls are grouped by state dtype, scale, ``eps`` and
+    ``rel_eps``; nothing else about a call changes its picks. Otherwise
+    (``per_segment=False``, or CUDA tensors by default) one padded
     :func:`greedy_map_batched` per call.
+
+    The two host loops make the same arithmetic per step except how the sum over the
+    previous steps is rounded (numpy's einsum may fuse multiply-adds, the compiled loop does
+    not). They pick the same tokens in the same order on well-conditioned kernels (tests,
+    with the float64 brute force); where gains differ by round-off only (near-duplicate
+    tokens) the order can differ (in a replay of the bench preset's 17-video prefill, the
+    kept sets of all 192 segments were equal). Each loop is deterministic and a deployment
+    uses one of them throughout, so its selections are reproducible.
     """
     out: List[torch.LongTensor] = []
     groups: dict = {}      # (state dtype, scale, eps, rel_eps) -> [(call, segment, n, k)]
@@ -633,34 +645,52 @@ ENV_HOST_GREEDY = "HIERAVID_HOST_GREEDY"
 _COMPILED: dict = {}
 
 
-def host_greedy_backend() -> str:
-    """``"numba"`` or ``"numpy"``: the loop that runs the greedy steps of materialised kernels
-    on CPU (env ``HIERAVID_HOST_GREEDY``, see :data:`ENV_HOST_GREEDY`)."""
+def check_host_greedy_env() -> str:
+    """The value of ``HIERAVID_HOST_GREEDY`` (``auto`` when unset), checked without importing
+    numba: a bad value, or ``numba`` where numba is not installed, raises naming the
+    variable. (Importing numba loads llvmlite, whose ctypes wrappers break vLLM 0.32/0.33's
+    CPU worker start-up -- ``triton_utils.dispatcher._rebind_kernels`` calls ``vars(v).get``
+    on every module attribute -- so a process that starts a vLLM engine must not import it
+    before the engine's workers have started.)"""
+    import importlib.util
     import os
 
     raw = os.environ.get(ENV_HOST_GREEDY, "").strip().lower() or "auto"
     if raw not in ("auto", "numba", "numpy"):
         raise ValueError(f"{ENV_HOST_GREEDY} must be 'auto', 'numba' or 'numpy', got {raw!r}")
+    if raw == "numba" and importlib.util.find_spec("numba") is None:
+        raise ImportError(f"{ENV_HOST_GREEDY}=numba, but numba is not installed")
+    return raw
+
+
+def host_greedy_backend() -> str:
+    """``"numba"`` or ``"numpy"``: the loop that runs the greedy steps of materialised kernels
+    on CPU (env ``HIERAVID_HOST_GREEDY``, see :data:`ENV_HOST_GREEDY`); imports numba."""
+    raw = check_host_greedy_env()
     if raw == "numpy":
         return "numpy"
     if "numba" not in _COMPILED:
         try:
             import numba
         except ImportError:
-            if raw == "numba":
-                raise ImportError(f"{ENV_HOST_GREEDY}=numba but numba does not import") from None
             _COMPILED["numba"] = None
         else:
             # cache=True: compiled once per machine (the package's __pycache__, else numba's
             # user cache); nogil: the engine's other threads run meanwhile
             _COMPILED["numba"] = numba.njit(cache=True, nogil=True)(_greedy_steps_packed)
-    return "numpy" if _COMPILED["numba"] is None else "numba"
+    if _COMPILED["numba"] is None:
+        if raw == "numba":
+            raise ImportError(f"{ENV_HOST_GREEDY}=numba, but numba does not import")
+        return "numpy"
+    return "numba"
 
 
 def warm_host_greedy() -> str:
     """Check ``HIERAVID_HOST_GREEDY`` and, with numba, compile the host loop for float32 state
     now (a 2-token kernel; numba caches the machine code on disk, so later processes load it
-    instead of compiling, ~0.5 s). Returns the backend. Called at server start-up."""
+    in ~0.2 s instead of compiling in ~0.7 s). Returns the backend. Called by the vLLM
+    workers when they build a HieraVid model on CPU (after vLLM's worker start-up, see
+    :func:`check_host_greedy_env`)."""
     backend = host_greedy_backend()
     if backend == "numba":
         H = torch.eye(2)

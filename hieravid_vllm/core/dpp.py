@@ -676,8 +676,12 @@ def host_greedy_backend() -> str:
             _COMPILED["numba"] = None
         else:
             # cache=True: compiled once per machine (the package's __pycache__, else numba's
-            # user cache); nogil: the engine's other threads run meanwhile
-            _COMPILED["numba"] = numba.njit(cache=True, nogil=True)(_greedy_steps_packed)
+            # user cache; without a writable one, compiled per process); nogil: the engine's
+            # other threads run meanwhile
+            try:
+                _COMPILED["numba"] = numba.njit(cache=True, nogil=True)(_greedy_steps_packed)
+            except RuntimeError:    # numba: "cannot cache function ...: no locator available"
+                _COMPILED["numba"] = numba.njit(nogil=True)(_greedy_steps_packed)
     if _COMPILED["numba"] is None:
         if raw == "numba":
             raise ImportError(f"{ENV_HOST_GREEDY}=numba, but numba does not import")

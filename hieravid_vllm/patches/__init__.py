@@ -70,7 +70,7 @@ Engine core (``engine_core/``):
   the override forwards).
 
 Worker (``worker/``; applied when vLLM imports the runner module, so the API server never
-imports the runners):
+imports the runners -- except ``kernel_rebind_scan``, see there):
 
 * ``load_model``: ``vllm.v1.worker.gpu_model_runner.GPUModelRunner.load_model`` -- start-up
   guard, ``is_multimodal_pruning_enabled`` for HieraVid Qwen models;
@@ -86,15 +86,19 @@ imports the runners):
   lifecycle of the model's stage state (video layouts per encoder-cache entry, video spans
   per request);
 * ``v2_refusal``: ``vllm.v1.worker.gpu.model_runner.GPUModelRunner.load_model`` -- Model
-  Runner V2 refuses a HieraVid model.
+  Runner V2 refuses a HieraVid model;
+* ``kernel_rebind_scan``: ``vllm.triton_utils.dispatcher._rebind_kernels`` -- llvmlite's
+  modules (numba, which the CPU greedy uses) left out of the CPU worker start-up's scan of
+  every module, which they crash; applied when the plugin loads (before the worker's scan),
+  not lazily.
 
 Version check: a target missing from the installed vLLM (module, class or attribute) leaves
 that patch out with a logged warning; HieraVid options then stop start-up with an error
 naming the patch (:func:`require`, from the ``engine_config`` patch and the worker guard).
 On a vLLM other than :data:`SUPPORTED_VLLM` only ``cli_args`` and ``engine_config`` are
 applied (the latter refuses HieraVid options at start-up). With HieraVid off, vLLM is
-unchanged apart from the CLI flags, the error responses of the media patches and which requests carry a
-cached item's data (never a result).
+unchanged apart from the CLI flags, the error responses of the media patches, which requests carry a
+cached item's data (never a result) and llvmlite's modules skipped by the CPU worker's kernel scan.
 """
 from __future__ import annotations
 
@@ -115,8 +119,8 @@ from hieravid_vllm.patches.api_server import (cli_args, engine_config, input_pro
                                               mm_sender_cache, video_frames, video_io)
 from hieravid_vllm.patches.engine_core import (block_hasher, kv_cache_groups, scheduler,
                                                stage_kv_coordinator, stage_kv_manager)
-from hieravid_vllm.patches.worker import (load_model, profile_run, stage_hooks, stage_state,
-                                          v2_refusal)
+from hieravid_vllm.patches.worker import (kernel_rebind_scan, load_model, profile_run,
+                                          stage_hooks, stage_state, v2_refusal)
 
 __all__ = ["MARK", "PATCHES", "Patch", "active", "apply_all", "is_wrapped", "missing",
            "require", "resolve", "wrap", "wrap_instance"]
@@ -190,6 +194,7 @@ PATCHES: Tuple[Patch, ...] = (
     _entry(stage_hooks, "worker", lazy=True),
     _entry(stage_state, "worker", lazy=True),
     _entry(v2_refusal, "worker", lazy=True),
+    _entry(kernel_rebind_scan, "worker"),
 )
 
 assert {v for p in PATCHES for v in p.versions} <= set(SUPPORTED_VLLM)

@@ -121,11 +121,18 @@ class TestQwen25Preemption:
 
         alone = {job: run(job) for job in jobs}
         p0 = server.metric("vllm:num_preemptions_total")
-        with cf.ThreadPoolExecutor(8) as ex:
-            got = list(ex.map(run, jobs + jobs))
-        assert server.metric("vllm:num_preemptions_total") > p0, "no preemption happened"
-        for job, g in zip(jobs + jobs, got):
-            assert g == alone[job], job
+        # the API server decodes each clip in turn: on a loaded machine the requests can reach
+        # the engine one after another and never need the KV cache at once, so the batch is
+        # sent again (at most 3 times) until vLLM has preempted; every answer is compared
+        for batch in range(3):
+            with cf.ThreadPoolExecutor(8) as ex:
+                got = list(ex.map(run, jobs + jobs))
+            for job, g in zip(jobs + jobs, got):
+                assert g == alone[job], (batch, job)
+            if server.metric("vllm:num_preemptions_total") > p0:
+                break
+        assert server.metric("vllm:num_preemptions_total") > p0, \
+            "no preemption happened in 3 batches"
         # the first answers agree with the server with a large KV cache (first class)
         for job, (text, tokens) in alone.items():
             if job in RESULTS.get("alone", {}):

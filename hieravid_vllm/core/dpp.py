@@ -354,6 +354,13 @@ def _host_materializes(k: int, n: int, materialize: Optional[bool]) -> bool:
     return (k * 8 >= n and n * n <= (1 << 26)) if materialize is None else bool(materialize)
 
 
+def _segment_kernel(H: torch.Tensor, w: torch.Tensor, sc: float) -> torch.Tensor:
+    """One segment's kernel L~ = diag(w) H H^T diag(w) * scale (Eq. 9) as the host loops form
+    it: one GEMM, then the element-wise scale and weights (the lockstep bucket does the same
+    element-wise ops over its padded batch)."""
+    return (H @ H.T).mul_(sc).mul_(w.unsqueeze(-1)).mul_(w.unsqueeze(0))
+
+
 def _greedy_map_host(H: torch.Tensor, k: int, w: Optional[torch.Tensor], scale: Optional[float],
                      eps: float, rel_eps: Optional[float], fallback_scores: Optional[torch.Tensor],
                      materialize: Optional[bool], width: int) -> torch.LongTensor:
@@ -377,7 +384,7 @@ def _greedy_map_host(H: torch.Tensor, k: int, w: Optional[torch.Tensor], scale: 
     tie, thr = tie_t.cpu().numpy()[()], tie_t.clamp_min(eps).cpu().numpy()[()]
     G = None
     if _host_materializes(k, n, materialize):  # one GEMM, as the torch loop forms it
-        G = (Ht @ Ht.T).mul_(sc).mul_(wt.unsqueeze(-1)).mul_(wt.unsqueeze(0)).cpu().numpy()
+        G = _segment_kernel(Ht, wt, sc).cpu().numpy()
     Hn, wn = Ht.cpu().numpy(), wt.cpu().numpy()
     cand = diag_t.cpu().numpy().copy()           # d_i^2 of the unselected, -inf once taken
     c = np.zeros((k, n), dtype=cand.dtype)
@@ -765,7 +772,7 @@ def _greedy_host_packed(segs: list, dt: torch.dtype, sc: float, eps: float,
     npdt = np.float64 if dt == torch.float64 else np.float32
     Gs, Ds, lens, ks = [], [], [], []
     for H, w, diag, k, _ in segs:
-        Gs.append((H @ H.T).mul_(sc).mul_(w.unsqueeze(-1)).mul_(w.unsqueeze(0)).reshape(-1))
+        Gs.append(_segment_kernel(H, w, sc).reshape(-1))
         Ds.append(diag)
         lens.append(H.shape[0])
         ks.append(k)

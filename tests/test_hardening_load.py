@@ -294,11 +294,13 @@ def test_request_aborted_during_prefill_leaves_no_kv_blocks(server, videos, debu
     _wait_idle(server)
     before = _finished(server)
     m0 = _metrics(server)
-    body = {"model": server.model_name, "max_tokens": 2000, "ignore_eos": True,
+    # 3000 tokens (~12 s here) fill most of max_model_len after the ~4700-token prompt
+    body = {"model": server.model_name, "max_tokens": 3000, "ignore_eos": True,
             "temperature": 0.0, "messages": [{"role": "user", "content": [
                 {"type": "video_url", "video_url": {"url": video_data_url(videos[-1])}},
                 {"type": "text", "text": QUESTIONS[0]}]}]}
     dumps = set(debug_dir.glob("*.pt"))
+    t_post = time.monotonic()
     sock = _raw_post(server, body)
     # The engine encodes, prunes and prefills the video in one step of about 2 s; the worker
     # writes its debug dump right after pruning, before the LLM forward. Drop the
@@ -308,6 +310,7 @@ def test_request_aborted_during_prefill_leaves_no_kv_blocks(server, videos, debu
     while not set(debug_dir.glob("*.pt")) - dumps:
         assert time.monotonic() < deadline, "the long request was never pruned"
         time.sleep(0.005)
+    t_dump = time.monotonic() - t_post
     _close_now(sock)
     t0 = time.monotonic()
     _barrier_then_idle(server)
@@ -315,12 +318,19 @@ def test_request_aborted_during_prefill_leaves_no_kv_blocks(server, videos, debu
     after = _finished(server)
     generated = _metrics(server)["vllm:generation_tokens_total"] - \
         m0["vllm:generation_tokens_total"]
-    print(f"abort during prefill: engine idle {idle_after:.2f} s after the disconnect, "
+    print(f"abort during prefill: dump seen {t_dump:.2f} s after the post "
+          f"({len(dumps)} dumps before), engine idle {idle_after:.2f} s after the disconnect, "
           f"{generated:.0f} token(s) generated")
     # aborted: no finish reason counted and nothing generated for it (the API process drops
     # an aborted request's outputs, the prefill's token included; the barrier request
-    # finished with one token), and the engine stopped it long before its 2000 tokens
-    assert _delta(before, after) == {"length": 1.0}, "the request was not aborted"
+    # finished with one token), and the engine stopped it long before its 3000 tokens
+    e2e = (_metrics(server)["vllm:e2e_request_latency_seconds_sum"]
+           - m0["vllm:e2e_request_latency_seconds_sum"])
+    assert _delta(before, after) == {"length": 1.0}, (
+        f"the request was not aborted: finished {_delta(before, after)}, dump seen "
+        f"{t_dump:.2f} s after the post, engine idle {idle_after:.2f} s after the disconnect, "
+        f"{generated:.0f} tokens generated, e2e latency of the finished requests "
+        f"{e2e:.2f} s\n{server.log_tail(30)}")
     assert generated == 1  # the barrier request's token
     # and the same long video is served normally afterwards
     body.update(max_tokens=1, ignore_eos=False)

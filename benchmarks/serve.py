@@ -528,6 +528,7 @@ def run_level(server, videos: Sequence[VideoItem], urls: dict[int, str], concurr
         r.end_s = r.start_s + (r.latency_s or 0.0)
         return r
 
+    steps0 = _engine_steps(server.url)
     with MetricsPoller(server.url, interval=args.metrics_interval) as poller:
         t0 = time.perf_counter()
         pool = cf.ThreadPoolExecutor(max_workers=concurrency)
@@ -544,7 +545,23 @@ def run_level(server, videos: Sequence[VideoItem], urls: dict[int, str], concurr
     results.sort(key=lambda r: r.video)
     summary = summarize_level(results, wall, poller.peak)
     summary["metrics_samples"] = poller.samples
+    steps1 = _engine_steps(server.url)
+    if steps0 and steps1:
+        # engine steps of the level and their mean scheduled tokens: how the requests were
+        # batched (prefills merged into few steps, or spread over many mixed with decodes)
+        n = steps1[0] - steps0[0]
+        summary["engine_steps"] = n
+        summary["tokens_per_step"] = (steps1[1] - steps0[1]) / n if n > 0 else None
     return summary, results
+
+
+def _engine_steps(url: str) -> tuple[float, float] | None:
+    """(engine steps so far, tokens scheduled in them): vLLM's ``iteration_tokens_total``
+    histogram (count, sum); None when the server does not export it."""
+    m = parse_metrics(_scrape(url), ("vllm:iteration_tokens_total_count",
+                                     "vllm:iteration_tokens_total_sum"))
+    c, t = m.get("vllm:iteration_tokens_total_count"), m.get("vllm:iteration_tokens_total_sum")
+    return None if c is None or t is None else (c, t)
 
 
 def mode_from_log(log_text: str, requested: str | None) -> tuple[str | None, str]:

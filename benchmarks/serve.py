@@ -307,6 +307,10 @@ def stream_chat(client, model: str, video_url: str, question: str, max_tokens: i
     """One streamed video chat request; never raises (errors go into the result)."""
     t0 = time.perf_counter()
     res = RequestResult(video=-1, ok=False)
+    # arrival of every content chunk (s after the request was sent; vLLM streams one chunk per
+    # engine step and request): kept on the object, not in the JSON, for the steady decode rate
+    times: list[float] = []
+    res.chunk_times = times
     messages = [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": video_url}},
         {"type": "text", "text": question}]}]
@@ -321,9 +325,11 @@ def stream_chat(client, model: str, video_url: str, question: str, max_tokens: i
             now = time.perf_counter()
             if now - t0 > timeout:
                 raise TimeoutError(f"request exceeded {timeout:g} s")
-            if res.ttft_s is None and chunk.choices and chunk.choices[0].delta is not None \
+            if chunk.choices and chunk.choices[0].delta is not None \
                     and chunk.choices[0].delta.content:
-                res.ttft_s = now - t0
+                if res.ttft_s is None:
+                    res.ttft_s = now - t0
+                times.append(now - t0)
             if getattr(chunk, "usage", None) is not None:
                 usage = chunk.usage
         res.latency_s = time.perf_counter() - t0
@@ -430,6 +436,23 @@ def decode_tokens_per_s(ok: Sequence[RequestResult]) -> float | None:
     return tokens / total if total > 0 else None
 
 
+def steady_decode_tokens_per_s(ok: Sequence[RequestResult]) -> float | None:
+    """Output tokens per second while every request of the level decodes: from the last
+    first token (every prefill done) to the first request's end (none finished yet), the
+    content chunks that arrived in that window over its length -- the decode rate of a full
+    batch without prefill steps mixed in (:func:`decode_tokens_per_s` counts from each
+    request's own first token, so later requests' prefills fall into it). None without a
+    window or without chunk times."""
+    if not ok or any(getattr(r, "chunk_times", None) is None or r.ttft_s is None for r in ok):
+        return None
+    a = max(r.start_s + r.ttft_s for r in ok)
+    b = min(r.end_s for r in ok)
+    if not b > a:
+        return None
+    n = sum(1 for r in ok for t in r.chunk_times if a < r.start_s + t <= b)
+    return n / (b - a)
+
+
 def summarize_level(results: Sequence[RequestResult], wall_s: float,
                     peaks: dict[str, float]) -> dict:
     ok = [r for r in results if r.ok]
@@ -450,6 +473,7 @@ def summarize_level(results: Sequence[RequestResult], wall_s: float,
         # after prefill: time per output token after the first, and decode throughput
         "tpot_p50_s": percentile([tpot(r) for r in ok if tpot(r) is not None], 50),
         "decode_tokens_per_s": decode_tokens_per_s(ok),
+        "steady_decode_tokens_per_s": steady_decode_tokens_per_s(ok),
         "wall_s": wall_s,
         "requests_per_s": len(ok) / wall_s if wall_s > 0 else None,
         "output_tokens_per_s": out_tokens / wall_s if wall_s > 0 else None,
@@ -754,16 +778,17 @@ def markdown_table(report: dict) -> str:
     lines = [
         "| config | retention | conc. | prompt tok | TTFT p50 (s) | TTFT p90 (s) | E2E p50 (s) "
         "| E2E p90 (s) | req/s | out tok/s | KV peak (tok) | fail | prompt x | TTFT x | req/s x "
-        "| out tok/s x | KV x | TPOT p50 (ms) | decode tok/s | TPOT x | decode tok/s x |",
+        "| out tok/s x | KV x | TPOT p50 (ms) | decode tok/s | TPOT x | decode tok/s x "
+        "| steady decode tok/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        "---:|---:|---:|---:|",
+        "---:|---:|---:|---:|---:|",
     ]
     for c in report["configs"]:
         if c.get("status") == "skipped":
             continue
         if not c["levels"]:
             lines.append(f"| {_label(c)} | {c['retention']:g} | - | " + " | ".join(
-                ["-"] * 17) + f" | {c.get('status')}: {c.get('error', '')[:80].replace('|', '/')} |")
+                ["-"] * 18) + f" | {c.get('status')}: {c.get('error', '')[:80].replace('|', '/')} |")
             continue
         for level, s in c["levels"].items():
             r = s.get("ratios", {})
@@ -779,7 +804,8 @@ def markdown_table(report: dict) -> str:
                 f"{_fmt(r.get('output_tokens_per_s'))} | {_fmt(r.get('kv_cache_usage_peak'))} | "
                 f"{_fmt(None if s.get('tpot_p50_s') is None else s['tpot_p50_s'] * 1e3, '.1f')} | "
                 f"{_fmt(s.get('decode_tokens_per_s'), '.1f')} | {_fmt(r.get('tpot_p50'))} | "
-                f"{_fmt(r.get('decode_tokens_per_s'))} |")
+                f"{_fmt(r.get('decode_tokens_per_s'))} | "
+                f"{_fmt(s.get('steady_decode_tokens_per_s'), '.1f')} |")
     return "\n".join(lines)
 
 

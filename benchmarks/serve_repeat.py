@@ -12,7 +12,8 @@ Everything after ``--`` goes to ``serve.py`` unchanged. Each round is one whole
 report (``<out-dir>/serve_repeat.md`` / ``.json``) gives, per (configuration, concurrency),
 the median over the rounds of each measured value, and the ratios of those medians for
 every HieraVid configuration against vLLM's EVS and against HieraVid ``input_only`` at the
-same budget (requests/s, TTFT p50, decode tokens/s, TPOT p50), plus the input-stage pruning
+same budget (requests/s, TTFT p50, decode tokens/s, TPOT p50, steady decode tokens/s; the
+per-round ratios of requests/s and steady decode), plus the input-stage pruning
 seconds per video (``hieravid_prune_seconds``) next to the unpruned TTFT at concurrency 1.
 """
 from __future__ import annotations
@@ -28,10 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import _ratio, percentile  # noqa: E402  (benchmarks/serve.py)
 
 METRICS = ("prompt_tokens_mean", "ttft_p50_s", "ttft_p90_s", "latency_p50_s", "requests_per_s",
-           "output_tokens_per_s", "tpot_p50_s", "decode_tokens_per_s", "kv_cache_usage_peak")
+           "output_tokens_per_s", "tpot_p50_s", "decode_tokens_per_s",
+           "steady_decode_tokens_per_s", "kv_cache_usage_peak")
 # (key, label, higher is better)
 COMPARED = (("requests_per_s", "req/s", True), ("ttft_p50_s", "TTFT p50", False),
-            ("decode_tokens_per_s", "decode tok/s", True), ("tpot_p50_s", "TPOT p50", False))
+            ("decode_tokens_per_s", "decode tok/s", True), ("tpot_p50_s", "TPOT p50", False),
+            ("steady_decode_tokens_per_s", "steady decode tok/s", True))
 
 
 def _median(xs):
@@ -77,8 +80,14 @@ def comparisons(med: dict) -> list[dict]:
                 p = med[peer]["median"].get(level)
                 if p is None:
                     continue
+                # per round (same round's servers): how far the rounds spread around the
+                # ratio of the medians
+                mine, theirs = e["levels"][level], med[peer]["levels"][level]
+                per_round = {k: [_ratio(a, b) for a, b in zip(mine[k], theirs[k])]
+                             for k in ("requests_per_s", "steady_decode_tokens_per_s")}
                 rows.append({"config": name, "vs": peer, "level": level,
-                             **{k: _ratio(s.get(k), p.get(k)) for k, _, _ in COMPARED}})
+                             **{k: _ratio(s.get(k), p.get(k)) for k, _, _ in COMPARED},
+                             "per_round": per_round})
     return rows
 
 
@@ -90,8 +99,8 @@ def markdown(med: dict, rows: list[dict], n_rounds: int, argv: list[str]) -> str
     lines = [f"Median of {n_rounds} rounds of `python benchmarks/serve.py {' '.join(argv)}` "
              "(each round: every configuration, one server after another).", "",
              "| config | conc. | prompt tok | TTFT p50 (s) | E2E p50 (s) | req/s | out tok/s | "
-             "TPOT p50 (ms) | decode tok/s | KV peak | rounds ok |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "TPOT p50 (ms) | decode tok/s | steady decode tok/s | KV peak | rounds ok |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, e in med.items():
         for level, s in e["median"].items():
             ok = sum(1 for st in e["status"] if st == "ok")
@@ -101,16 +110,24 @@ def markdown(med: dict, rows: list[dict], n_rounds: int, argv: list[str]) -> str
                 f"{_f(s['requests_per_s'], '.3f')} | {_f(s['output_tokens_per_s'], '.1f')} | "
                 f"{_f(None if s['tpot_p50_s'] is None else s['tpot_p50_s'] * 1e3, '.1f')} | "
                 f"{_f(s['decode_tokens_per_s'], '.1f')} | "
+                f"{_f(s.get('steady_decode_tokens_per_s'), '.1f')} | "
                 f"{_f(None if s['kv_cache_usage_peak'] is None else s['kv_cache_usage_peak'] * 100, '.2f')}% | "
                 f"{ok}/{len(e['status'])} |")
     if rows:
         lines += ["", "Ratios of the medians (config / peer, same budget and concurrency; "
-                  "req/s and decode tok/s: higher is better, TTFT and TPOT: lower is better):",
-                  "", "| config | vs | conc. | " + " | ".join(l for _, l, _ in COMPARED) + " |",
-                  "|---|---|---:|" + "---:|" * len(COMPARED)]
+                  "req/s and decode tok/s: higher is better, TTFT and TPOT: lower is better; "
+                  "steady decode: every request of the level decoding, no prefill in the "
+                  "window):",
+                  "", "| config | vs | conc. | " + " | ".join(l for _, l, _ in COMPARED)
+                  + " | req/s per round | steady decode per round |",
+                  "|---|---|---:|" + "---:|" * len(COMPARED) + "---|---|"]
         for r in rows:
+            pr = r.get("per_round", {})
             lines.append(f"| {r['config']} | {r['vs']} | {r['level']} | "
-                         + " | ".join(_f(r[k]) for k, _, _ in COMPARED) + " |")
+                         + " | ".join(_f(r[k]) for k, _, _ in COMPARED) + " | "
+                         + " | ".join(", ".join(_f(x) for x in pr.get(k, []))
+                                      for k in ("requests_per_s",
+                                                "steady_decode_tokens_per_s")) + " |")
     base = med.get("unpruned", {}).get("median", {}).get("1", {}).get("ttft_p50_s")
     prunes = [(n, e["prune_median_s"]) for n, e in med.items() if e["prune_median_s"]]
     if prunes:

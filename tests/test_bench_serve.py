@@ -150,3 +150,40 @@ def test_decode_throughput_and_tpot_against_a_timeline():
     level = serve.summarize_level(rs, 13.0, {})
     assert math.isclose(level["tpot_p50_s"], 0.5)  # 0.5, 0.5, 0.5
     assert "TPOT p50 (ms)" in serve.markdown_table({"configs": []})
+
+
+def test_steady_decode_rate_against_a_brute_force_count():
+    """Steady decode tok/s: chunks that arrived while every request had its first token and
+    none had ended, over that window -- against a count over the chunk times done here."""
+    serve = _load_serve()
+    rng = np.random.default_rng(0)
+    rs = []
+    for i, (start, ttft, n) in enumerate([(0.0, 0.4, 40), (0.1, 0.9, 30), (0.3, 0.5, 50)]):
+        gaps = rng.uniform(0.01, 0.05, n - 1)
+        times = [ttft] + list(ttft + np.cumsum(gaps))
+        r = serve.RequestResult(video=i, ok=True, ttft_s=ttft, latency_s=times[-1] + 0.01,
+                                prompt_tokens=100,
+                                completion_tokens=n, start_s=start,
+                                end_s=start + times[-1] + 0.01)
+        r.chunk_times = times
+        rs.append(r)
+    a = max(r.start_s + r.ttft_s for r in rs)   # the last request's first token: 1.0
+    b = min(r.end_s for r in rs)
+    assert a == 1.0 and b > a
+    count = 0
+    for r in rs:
+        for t in r.chunk_times:
+            if a < r.start_s + t <= b:
+                count += 1
+    assert count > 0
+    assert math.isclose(serve.steady_decode_tokens_per_s(rs), count / (b - a))
+    assert serve.summarize_level(rs, 5.0, {})["steady_decode_tokens_per_s"] == \
+        serve.steady_decode_tokens_per_s(rs)
+    # no window (a request ends before the last one's first token), no chunk times: None
+    early = serve.RequestResult(video=9, ok=True, ttft_s=0.1, latency_s=0.2,
+                                completion_tokens=2, start_s=0.0, end_s=0.2)
+    early.chunk_times = [0.1, 0.15]
+    assert serve.steady_decode_tokens_per_s(rs + [early]) is None
+    bare = serve.RequestResult(video=8, ok=True, ttft_s=0.1, latency_s=9.0,
+                               completion_tokens=2, start_s=0.0, end_s=9.0)
+    assert serve.steady_decode_tokens_per_s(rs + [bare]) is None

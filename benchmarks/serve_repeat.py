@@ -35,6 +35,8 @@ METRICS = ("prompt_tokens_mean", "ttft_p50_s", "ttft_p90_s", "latency_p50_s", "r
 COMPARED = (("requests_per_s", "req/s", True), ("ttft_p50_s", "TTFT p50", False),
             ("decode_tokens_per_s", "decode tok/s", True), ("tpot_p50_s", "TPOT p50", False),
             ("steady_decode_tokens_per_s", "steady decode tok/s", True))
+# compared round by round too (the spread of the rounds around the ratio of the medians)
+PER_ROUND = ("requests_per_s", "steady_decode_tokens_per_s")
 
 
 def _median(xs):
@@ -80,11 +82,9 @@ def comparisons(med: dict) -> list[dict]:
                 p = med[peer]["median"].get(level)
                 if p is None:
                     continue
-                # per round (same round's servers): how far the rounds spread around the
-                # ratio of the medians
                 mine, theirs = e["levels"][level], med[peer]["levels"][level]
                 per_round = {k: [_ratio(a, b) for a, b in zip(mine[k], theirs[k])]
-                             for k in ("requests_per_s", "steady_decode_tokens_per_s")}
+                             for k in PER_ROUND}
                 rows.append({"config": name, "vs": peer, "level": level,
                              **{k: _ratio(s.get(k), p.get(k)) for k, _, _ in COMPARED},
                              "per_round": per_round})
@@ -126,8 +126,7 @@ def markdown(med: dict, rows: list[dict], n_rounds: int, argv: list[str]) -> str
             lines.append(f"| {r['config']} | {r['vs']} | {r['level']} | "
                          + " | ".join(_f(r[k]) for k, _, _ in COMPARED) + " | "
                          + " | ".join(", ".join(_f(x) for x in pr.get(k, []))
-                                      for k in ("requests_per_s",
-                                                "steady_decode_tokens_per_s")) + " |")
+                                      for k in PER_ROUND) + " |")
     base = med.get("unpruned", {}).get("median", {}).get("1", {}).get("ttft_p50_s")
     prunes = [(n, e["prune_median_s"]) for n, e in med.items() if e["prune_median_s"]]
     if prunes:

@@ -316,21 +316,19 @@ def test_request_aborted_during_prefill_leaves_no_kv_blocks(server, videos, debu
     _barrier_then_idle(server)
     idle_after = time.monotonic() - t0
     after = _finished(server)
-    generated = _metrics(server)["vllm:generation_tokens_total"] - \
-        m0["vllm:generation_tokens_total"]
-    print(f"abort during prefill: dump seen {t_dump:.2f} s after the post "
-          f"({len(dumps)} dumps before), engine idle {idle_after:.2f} s after the disconnect, "
-          f"{generated:.0f} token(s) generated")
+    m1 = _metrics(server)
+    generated = m1["vllm:generation_tokens_total"] - m0["vllm:generation_tokens_total"]
+    e2e = m1["vllm:e2e_request_latency_seconds_sum"] - m0["vllm:e2e_request_latency_seconds_sum"]
+    timing = (f"dump seen {t_dump:.2f} s after the post ({len(dumps)} dumps before), engine "
+              f"idle {idle_after:.2f} s after the disconnect, {generated:.0f} token(s) "
+              f"generated, e2e latency of the finished requests {e2e:.2f} s")
+    print(f"abort during prefill: {timing}")
     # aborted: no finish reason counted and nothing generated for it (the API process drops
     # an aborted request's outputs, the prefill's token included; the barrier request
     # finished with one token), and the engine stopped it long before its 3000 tokens
-    e2e = (_metrics(server)["vllm:e2e_request_latency_seconds_sum"]
-           - m0["vllm:e2e_request_latency_seconds_sum"])
     assert _delta(before, after) == {"length": 1.0}, (
-        f"the request was not aborted: finished {_delta(before, after)}, dump seen "
-        f"{t_dump:.2f} s after the post, engine idle {idle_after:.2f} s after the disconnect, "
-        f"{generated:.0f} tokens generated, e2e latency of the finished requests "
-        f"{e2e:.2f} s\n{server.log_tail(30)}")
+        f"the request was not aborted: finished {_delta(before, after)}, {timing}\n"
+        f"{server.log_tail(30)}")
     assert generated == 1  # the barrier request's token
     # and the same long video is served normally afterwards
     body.update(max_tokens=1, ignore_eos=False)

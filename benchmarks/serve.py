@@ -453,8 +453,23 @@ def steady_decode_tokens_per_s(ok: Sequence[RequestResult]) -> float | None:
     return n / (b - a)
 
 
+def steady_requests_per_s(ok: Sequence[RequestResult], concurrency: int) -> float | None:
+    """Requests per second once the level is in its steady state: the completions after the
+    ``concurrency``-th and up to the (N - ``concurrency``)-th, over the time between those two
+    completions. The level is a closed loop (a new request goes out when one ends), so
+    ``concurrency`` requests are in flight throughout that window; it leaves out the first
+    wave (every slot's request arriving at once, so its prefills batch by how fast the API
+    server hands them over) and the drain of the last wave. None unless N > 2 x concurrency."""
+    n, c = len(ok), int(concurrency)
+    if c < 1 or n <= 2 * c:
+        return None
+    ends = sorted(r.end_s for r in ok)
+    a, b = ends[c - 1], ends[n - c - 1]
+    return (n - 2 * c) / (b - a) if b > a else None
+
+
 def summarize_level(results: Sequence[RequestResult], wall_s: float,
-                    peaks: dict[str, float]) -> dict:
+                    peaks: dict[str, float], concurrency: int | None = None) -> dict:
     ok = [r for r in results if r.ok]
     prompt = [r.prompt_tokens for r in ok]
     out_tokens = sum(r.completion_tokens or 0 for r in ok)
@@ -476,6 +491,8 @@ def summarize_level(results: Sequence[RequestResult], wall_s: float,
         "steady_decode_tokens_per_s": steady_decode_tokens_per_s(ok),
         "wall_s": wall_s,
         "requests_per_s": len(ok) / wall_s if wall_s > 0 else None,
+        "steady_requests_per_s": (steady_requests_per_s(ok, concurrency)
+                                  if concurrency else None),
         "output_tokens_per_s": out_tokens / wall_s if wall_s > 0 else None,
         "kv_cache_usage_peak": peaks.get(KV_METRIC),
         "num_requests_running_peak": peaks.get("vllm:num_requests_running"),
@@ -567,7 +584,7 @@ def run_level(server, videos: Sequence[VideoItem], urls: dict[int, str], concurr
         pool.shutdown(wait=True)
         wall = time.perf_counter() - t0
     results.sort(key=lambda r: r.video)
-    summary = summarize_level(results, wall, poller.peak)
+    summary = summarize_level(results, wall, poller.peak, concurrency)
     summary["metrics_samples"] = poller.samples
     steps1 = _engine_steps(server.url)
     if steps0 and steps1:
@@ -779,16 +796,16 @@ def markdown_table(report: dict) -> str:
         "| config | retention | conc. | prompt tok | TTFT p50 (s) | TTFT p90 (s) | E2E p50 (s) "
         "| E2E p90 (s) | req/s | out tok/s | KV peak (tok) | fail | prompt x | TTFT x | req/s x "
         "| out tok/s x | KV x | TPOT p50 (ms) | decode tok/s | TPOT x | decode tok/s x "
-        "| steady decode tok/s |",
+        "| steady decode tok/s | steady req/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        "---:|---:|---:|---:|---:|",
+        "---:|---:|---:|---:|---:|---:|",
     ]
     for c in report["configs"]:
         if c.get("status") == "skipped":
             continue
         if not c["levels"]:
             lines.append(f"| {_label(c)} | {c['retention']:g} | - | " + " | ".join(
-                ["-"] * 18) + f" | {c.get('status')}: {c.get('error', '')[:80].replace('|', '/')} |")
+                ["-"] * 19) + f" | {c.get('status')}: {c.get('error', '')[:80].replace('|', '/')} |")
             continue
         for level, s in c["levels"].items():
             r = s.get("ratios", {})
@@ -805,7 +822,8 @@ def markdown_table(report: dict) -> str:
                 f"{_fmt(None if s.get('tpot_p50_s') is None else s['tpot_p50_s'] * 1e3, '.1f')} | "
                 f"{_fmt(s.get('decode_tokens_per_s'), '.1f')} | {_fmt(r.get('tpot_p50'))} | "
                 f"{_fmt(r.get('decode_tokens_per_s'))} | "
-                f"{_fmt(s.get('steady_decode_tokens_per_s'), '.1f')} |")
+                f"{_fmt(s.get('steady_decode_tokens_per_s'), '.1f')} | "
+                f"{_fmt(s.get('steady_requests_per_s'), '.3f')} |")
     return "\n".join(lines)
 
 
@@ -971,6 +989,8 @@ WORKLOADS = {
     "default": {"concurrency": ",".join(map(str, DEFAULT_CONCURRENCY)), "requests": "8",
                 "max_tokens": 32},
     "decode-heavy": {"concurrency": "16", "requests": "16", "max_tokens": 256},
+    # five waves of 16: steady req/s counts the middle three (first and last wave left out)
+    "steady": {"concurrency": "16", "requests": "80", "max_tokens": 32},
 }
 
 
@@ -997,7 +1017,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="defaults for --concurrency/--requests/--max-tokens: 'default' "
                         f"{WORKLOADS['default']}; 'decode-heavy' {WORKLOADS['decode-heavy']} "
                         "(16 running video requests decoding 256 tokens each: compare TPOT "
-                        "and decode tok/s); explicit flags win")
+                        f"and decode tok/s); 'steady' {WORKLOADS['steady']} (a closed loop "
+                        "of five waves: compare steady req/s, measured with 16 requests in "
+                        "flight throughout); explicit flags win")
     p.add_argument("--concurrency", default=None,
                    help="concurrency levels (comma separated)")
     p.add_argument("--requests", default=None,

@@ -12,9 +12,10 @@ Everything after ``--`` goes to ``serve.py`` unchanged. Each round is one whole
 report (``<out-dir>/serve_repeat.md`` / ``.json``) gives, per (configuration, concurrency),
 the median over the rounds of each measured value, and the ratios of those medians for
 every HieraVid configuration against vLLM's EVS and against HieraVid ``input_only`` at the
-same budget (requests/s, TTFT p50, decode tokens/s, TPOT p50, steady decode tokens/s; the
-per-round ratios of requests/s and steady decode), plus the input-stage pruning
-seconds per video (``hieravid_prune_seconds``) next to the unpruned TTFT at concurrency 1.
+same budget (requests/s, TTFT p50, decode tokens/s, TPOT p50, steady decode tokens/s, steady
+requests/s; the per-round ratios of requests/s and the two steady rates), plus the
+input-stage pruning seconds per video (``hieravid_prune_seconds``) next to the unpruned TTFT
+at concurrency 1.
 """
 from __future__ import annotations
 
@@ -30,13 +31,14 @@ from serve import _ratio, percentile  # noqa: E402  (benchmarks/serve.py)
 
 METRICS = ("prompt_tokens_mean", "ttft_p50_s", "ttft_p90_s", "latency_p50_s", "requests_per_s",
            "output_tokens_per_s", "tpot_p50_s", "decode_tokens_per_s",
-           "steady_decode_tokens_per_s", "kv_cache_usage_peak")
+           "steady_decode_tokens_per_s", "steady_requests_per_s", "kv_cache_usage_peak")
 # (key, label, higher is better)
 COMPARED = (("requests_per_s", "req/s", True), ("ttft_p50_s", "TTFT p50", False),
             ("decode_tokens_per_s", "decode tok/s", True), ("tpot_p50_s", "TPOT p50", False),
-            ("steady_decode_tokens_per_s", "steady decode tok/s", True))
+            ("steady_decode_tokens_per_s", "steady decode tok/s", True),
+            ("steady_requests_per_s", "steady req/s", True))
 # compared round by round too (the spread of the rounds around the ratio of the medians)
-PER_ROUND = ("requests_per_s", "steady_decode_tokens_per_s")
+PER_ROUND = ("requests_per_s", "steady_decode_tokens_per_s", "steady_requests_per_s")
 
 
 def _median(xs):
@@ -99,8 +101,9 @@ def markdown(med: dict, rows: list[dict], n_rounds: int, argv: list[str]) -> str
     lines = [f"Median of {n_rounds} rounds of `python benchmarks/serve.py {' '.join(argv)}` "
              "(each round: every configuration, one server after another).", "",
              "| config | conc. | prompt tok | TTFT p50 (s) | E2E p50 (s) | req/s | out tok/s | "
-             "TPOT p50 (ms) | decode tok/s | steady decode tok/s | KV peak | rounds ok |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "TPOT p50 (ms) | decode tok/s | steady decode tok/s | steady req/s | KV peak | "
+             "rounds ok |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, e in med.items():
         for level, s in e["median"].items():
             ok = sum(1 for st in e["status"] if st == "ok")
@@ -111,16 +114,19 @@ def markdown(med: dict, rows: list[dict], n_rounds: int, argv: list[str]) -> str
                 f"{_f(None if s['tpot_p50_s'] is None else s['tpot_p50_s'] * 1e3, '.1f')} | "
                 f"{_f(s['decode_tokens_per_s'], '.1f')} | "
                 f"{_f(s.get('steady_decode_tokens_per_s'), '.1f')} | "
+                f"{_f(s.get('steady_requests_per_s'), '.3f')} | "
                 f"{_f(None if s['kv_cache_usage_peak'] is None else s['kv_cache_usage_peak'] * 100, '.2f')}% | "
                 f"{ok}/{len(e['status'])} |")
     if rows:
         lines += ["", "Ratios of the medians (config / peer, same budget and concurrency; "
                   "req/s and decode tok/s: higher is better, TTFT and TPOT: lower is better; "
                   "steady decode: every request of the level decoding, no prefill in the "
-                  "window):",
+                  "window; steady req/s: completions between the first wave's and the last "
+                  "wave's, every slot busy):",
                   "", "| config | vs | conc. | " + " | ".join(l for _, l, _ in COMPARED)
-                  + " | req/s per round | steady decode per round |",
-                  "|---|---|---:|" + "---:|" * len(COMPARED) + "---|---|"]
+                  + " | " + " | ".join(f"{l} per round" for k, l, _ in COMPARED
+                                       if k in PER_ROUND) + " |",
+                  "|---|---|---:|" + "---:|" * len(COMPARED) + "---|" * len(PER_ROUND)]
         for r in rows:
             pr = r.get("per_round", {})
             lines.append(f"| {r['config']} | {r['vs']} | {r['level']} | "

@@ -152,6 +152,48 @@ def test_decode_throughput_and_tpot_against_a_timeline():
     assert "TPOT p50 (ms)" in serve.markdown_table({"configs": []})
 
 
+def _closed_loop(serve, durations, concurrency):
+    """Simulated closed-loop level: ``concurrency`` slots, each takes the next request as soon
+    as its last one ends (as ``run_level``'s thread pool does)."""
+    free = [0.0] * concurrency
+    rs = []
+    for i, d in enumerate(durations):
+        k = min(range(concurrency), key=lambda j: free[j])
+        start = free[k]
+        free[k] = start + d
+        rs.append(serve.RequestResult(video=i, ok=True, ttft_s=d / 2, latency_s=d,
+                                      prompt_tokens=9, completion_tokens=2, start_s=start,
+                                      end_s=start + d))
+    return rs
+
+
+def test_steady_request_rate_against_the_arrivals_and_a_constant_service_time():
+    """Steady req/s (completions between the c-th and the (N-c)-th, over that time) against
+    a second formulation from the arrivals -- in a closed loop the k-th completion sends the
+    (c+k)-th request, so the window runs from the 2c-th arrival to the last one and holds
+    N - 2c completions -- and against c / D for every request taking D seconds."""
+    serve = _load_serve()
+    rng = np.random.default_rng(1)
+    for c, n in [(4, 20), (16, 80), (3, 7)]:
+        rs = _closed_loop(serve, rng.uniform(0.5, 3.0, n), c)
+        starts = sorted(r.start_s for r in rs)
+        a, b = starts[2 * c - 1], starts[-1]
+        inside = sum(1 for r in rs if a < r.end_s <= b)
+        assert inside == n - 2 * c
+        assert math.isclose(serve.steady_requests_per_s(rs, c), inside / (b - a))
+        assert serve.summarize_level(rs, 99.0, {}, c)["steady_requests_per_s"] == \
+            serve.steady_requests_per_s(rs, c)
+    # every request D = 2 s, 16 slots, 5 waves: 16 / 2 = 8 req/s (whole level: 80 / 10 s)
+    rs = _closed_loop(serve, [2.0] * 80, 16)
+    assert math.isclose(serve.steady_requests_per_s(rs, 16), 8.0)
+    # slower service in the middle waves only: the steady rate sees it, the level's mean less
+    rs = _closed_loop(serve, [2.0] * 16 + [4.0] * 48 + [2.0] * 16, 16)
+    assert math.isclose(serve.steady_requests_per_s(rs, 16), 4.0)
+    # no steady window: N <= 2c, or no concurrency given
+    assert serve.steady_requests_per_s(rs[:32], 16) is None
+    assert serve.summarize_level(rs, 10.0, {})["steady_requests_per_s"] is None
+
+
 def test_steady_decode_rate_against_a_brute_force_count():
     """Steady decode tok/s: chunks that arrived while every request had its first token and
     none had ended, over that window -- against a count over the chunk times done here."""

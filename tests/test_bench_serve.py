@@ -187,8 +187,10 @@ def test_steady_request_rate_against_the_arrivals_and_a_constant_service_time():
     rs = _closed_loop(serve, [2.0] * 80, 16)
     assert math.isclose(serve.steady_requests_per_s(rs, 16), 8.0)
     # slower service in the middle waves only: the steady rate sees it, the level's mean less
+    # (waves end at 2, 6, 10, 14, 16 s: 80 / 16 = 5 req/s over the level)
     rs = _closed_loop(serve, [2.0] * 16 + [4.0] * 48 + [2.0] * 16, 16)
     assert math.isclose(serve.steady_requests_per_s(rs, 16), 4.0)
+    assert math.isclose(len(rs) / max(r.end_s for r in rs), 5.0)
     # no steady window: N <= 2c, or no concurrency given
     assert serve.steady_requests_per_s(rs[:32], 16) is None
     assert serve.summarize_level(rs, 10.0, {})["steady_requests_per_s"] is None

@@ -453,14 +453,16 @@ def steady_decode_tokens_per_s(ok: Sequence[RequestResult]) -> float | None:
     return n / (b - a)
 
 
-def steady_requests_per_s(ok: Sequence[RequestResult], concurrency: int) -> float | None:
+def steady_requests_per_s(ok: Sequence[RequestResult],
+                          concurrency: int | None) -> float | None:
     """Requests per second once the level is in its steady state: the completions after the
     ``concurrency``-th and up to the (N - ``concurrency``)-th, over the time between those two
     completions. The level is a closed loop (a new request goes out when one ends), so
     ``concurrency`` requests are in flight throughout that window; it leaves out the first
     wave (every slot's request arriving at once, so its prefills batch by how fast the API
-    server hands them over) and the drain of the last wave. None unless N > 2 x concurrency."""
-    n, c = len(ok), int(concurrency)
+    server hands them over) and the drain of the last wave. None unless N > 2 x concurrency
+    (or without a concurrency)."""
+    n, c = len(ok), int(concurrency or 0)
     if c < 1 or n <= 2 * c:
         return None
     ends = sorted(r.end_s for r in ok)
@@ -491,8 +493,7 @@ def summarize_level(results: Sequence[RequestResult], wall_s: float,
         "steady_decode_tokens_per_s": steady_decode_tokens_per_s(ok),
         "wall_s": wall_s,
         "requests_per_s": len(ok) / wall_s if wall_s > 0 else None,
-        "steady_requests_per_s": (steady_requests_per_s(ok, concurrency)
-                                  if concurrency else None),
+        "steady_requests_per_s": steady_requests_per_s(ok, concurrency),
         "output_tokens_per_s": out_tokens / wall_s if wall_s > 0 else None,
         "kv_cache_usage_peak": peaks.get(KV_METRIC),
         "num_requests_running_peak": peaks.get("vllm:num_requests_running"),

@@ -45,10 +45,13 @@ def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],
                        greedy=_greedy(backend, split))
 
 
-def frame_level_select_many(inputs, *, backend: str = "auto", split=None):
+def frame_level_select_many(inputs, *, backend: str = "auto", split=None,
+                            device_counts: bool = False):
     """:func:`frame_level_select` on the videos of one stage boundary (a sequence of
     :class:`hieravid_vllm.core.dpp.StageInput`): per video (kept positions, kept tokens per
-    segment on the host), one device read for all of them."""
+    segment on the host), one device read for all of them; ``device_counts``: none (the
+    sync-free boundary, counts returned on the device)."""
     from hieravid_vllm.core.dpp import frame_level_select_many as core_many
 
-    return core_many(inputs, greedy_many=_greedy(backend, split, read_flag=False, many=True))
+    return core_many(inputs, greedy_many=_greedy(backend, split, read_flag=False, many=True),
+                     device_counts=device_counts)

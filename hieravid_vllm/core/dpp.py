@@ -433,6 +433,9 @@ class GreedyCall:
     rel_eps: Optional[float] = None
     fallback_scores: Optional[torch.Tensor] = None
     materialize: Optional[bool] = None
+    #: a host upper bound of max(ks) when ``ks`` live on the device (the sync-free boundary):
+    #: the output's width, so that no launch reads ``ks`` back; None: max(ks) is read
+    k_max: Optional[int] = None
 
 
 def greedy_map_batched_many(calls: Sequence[GreedyCall], *, per_segment: Optional[bool] = None,
@@ -809,14 +812,20 @@ def _greedy_host_packed(segs: list, dt: torch.dtype, sc: float, eps: float,
 # one frame-level selection (one stage)
 # ------------------------------------------------------------------------------------------
 def segment_layout(segment_ids: torch.Tensor, num_segments: Optional[int] = None,
-                   lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   lengths: Optional[torch.Tensor] = None, width: Optional[int] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Padded layout of tokens by segment: index (M, n_max) (token ids ascending, -1 pad)
     and lengths (M,). Vectorised (stable sort by segment id). ``lengths``: the per-segment
-    counts on the host when the caller has them (then nothing is read back from the device)."""
+    counts on the host when the caller has them (then nothing is read back from the device).
+    ``width``: with ``lengths`` on the device, a host bound of their maximum, the padded
+    width (then nothing is read either; M = ``lengths``' size)."""
     seg = segment_ids.to(torch.int64)
     n = seg.shape[0]
     dev = seg.device
-    if lengths is not None:
+    if width is not None and lengths is not None:
+        lengths = lengths.to(dev, torch.int64)
+        M, n_max = lengths.shape[0], int(width)
+    elif lengths is not None:
         lengths_h = lengths.to("cpu", torch.int64)
         M = int(num_segments) if num_segments is not None else lengths_h.shape[0]
         n_max = int(lengths_h.max()) if M else 0
@@ -851,6 +860,9 @@ class StageInput:
     use_dpp: bool = True
     num_segments: Optional[int] = None
     lengths: Optional[torch.Tensor] = None
+    #: with ``lengths`` on the device (the sync-free boundary's counts of the previous stage):
+    #: a host upper bound of max(lengths), the padded layout's width (None: n)
+    max_length: Optional[int] = None
 
 
 @dataclass
@@ -868,12 +880,18 @@ class _Prepared:
     sums_h: Optional[object] = None            # the same read back (numpy), set by the caller
     ks_h: Optional[torch.Tensor] = None        # the Eq. 4-5 counts (M,) on the host
     sel: Optional[torch.Tensor] = None         # the greedy's picks (M, max k), DPP stage
+    # the sync-free boundary (``device_counts``): lengths and counts on the device, and host
+    # upper bounds of their maxima (the padded widths)
+    lengths_d: Optional[torch.Tensor] = None
+    ks_d: Optional[torch.Tensor] = None
+    k_bound: int = 0
 
 
-def _prepare_stage(inp: StageInput) -> _Prepared:
+def _prepare_stage(inp: StageInput, device_counts: bool = False) -> _Prepared:
     """The device work of a stage that does not need its per-segment counts: segment layout,
     relevance (Eq. 8), kernel features (Eq. 9) and the segment sums of Eq. 4. Reads nothing
-    back when ``inp.lengths`` is given."""
+    back when ``inp.lengths`` is given, or with ``device_counts`` (then the lengths stay on
+    the device: given, or counted there from the segment ids, which needs ``num_segments``)."""
     from .schedule import counts_need_sums, host_segment_lengths, segment_sums
 
     hidden = inp.hidden
@@ -883,6 +901,8 @@ def _prepare_stage(inp: StageInput) -> _Prepared:
     if not 0 <= target <= n:
         raise ValueError(f"target must be in [0, {n}], got {target}")
     p = _Prepared(inp, n)
+    if device_counts:
+        return _prepare_stage_on_device(p)
     if inp.lengths is not None:
         p.lengths_h = inp.lengths.to("cpu", torch.int64)
     if target == n:
@@ -912,6 +932,54 @@ def _prepare_stage(inp: StageInput) -> _Prepared:
     return p
 
 
+def _prepare_stage_on_device(p: _Prepared) -> _Prepared:
+    """:func:`_prepare_stage` of the sync-free boundary: the same device work, with the
+    segment lengths on the device and the layout padded to a host bound of their maximum
+    (``StageInput.max_length``, or the host lengths' maximum, or n), so nothing is read."""
+    from .schedule import segment_sums
+
+    inp, n = p.inp, p.n
+    hidden = inp.hidden
+    dev = hidden.device
+    target = int(inp.target)
+    seg = inp.segment_ids.to(dev, torch.int64)
+    if inp.lengths is not None:
+        lengths = inp.lengths
+        M = lengths.shape[0]
+        if lengths.device.type == "cpu" and dev.type != "cpu":     # host lengths: bound known
+            bound = int(lengths.max()) if M else 0
+        else:
+            bound = n if inp.max_length is None else min(n, int(inp.max_length))
+        p.lengths_d = lengths.to(dev, torch.int64, non_blocking=True)
+    else:
+        if inp.num_segments is None:
+            raise ValueError("the sync-free boundary (device_counts) needs num_segments or "
+                             "lengths")
+        M = int(inp.num_segments)
+        p.lengths_d = torch.zeros(M, dtype=torch.int64, device=dev).scatter_add_(
+            0, seg, torch.ones_like(seg))
+        bound = n if inp.max_length is None else min(n, int(inp.max_length))
+    if target == n:
+        p.done = torch.arange(n, dtype=torch.int64, device=dev)
+        return p
+    if target == 0:
+        p.done = torch.empty(0, dtype=torch.int64, device=dev)
+        return p
+    cfg = inp.config
+    p.index, _ = segment_layout(seg, M, lengths=p.lengths_d, width=bound)
+    r = relevance(hidden, inp.query, cfg.relevance_sign, cfg.relevance_source)
+    p.valid = p.index >= 0
+    safe = p.index.clamp_min(0)
+    p.r_pad = torch.where(p.valid, r[safe], torch.zeros_like(r[safe]))
+    if inp.use_dpp:
+        V, p.scale = kernel_features(hidden, cfg.dpp_kernel)
+        p.feats = V[safe]
+    if M > 1 and cfg.r_var > 0:
+        p.sums = segment_sums(hidden, seg, M)
+    p.k_bound = min(bound, target)
+    return p
+
+
 def _stage_counts(p: _Prepared) -> None:
     """The Eq. 4-5 counts of a prepared stage that selects (on the host, from the segment
     sums read back) -> ``p.ks_h``."""
@@ -927,16 +995,18 @@ def _finish_stage(p: _Prepared) -> Tuple[torch.LongTensor, Optional[torch.Tensor
     inp = p.inp
     if p.done is not None:
         counts = None
-        if p.lengths_h is not None:
-            counts = p.lengths_h.clone() if p.done.numel() == p.n else torch.zeros_like(
-                p.lengths_h)
+        have = p.lengths_h if p.lengths_d is None else p.lengths_d
+        if have is not None:
+            counts = have.clone() if p.done.numel() == p.n else torch.zeros_like(have)
         return p.done, counts
-    n, target, ks_h = p.n, int(inp.target), p.ks_h
+    n, target = p.n, int(inp.target)
+    ks_h = p.ks_h if p.ks_d is None else p.ks_d
     dev = inp.hidden.device
     index, valid, r_pad, sel = p.index, p.valid, p.r_pad, p.sel
     if not inp.use_dpp:
         key = torch.where(valid, -r_pad, torch.full_like(r_pad, float("inf")))
-        sel = torch.sort(key, dim=-1, stable=True).indices[:, : int(ks_h.max())]
+        width = int(ks_h.max()) if p.ks_d is None else p.k_bound
+        sel = torch.sort(key, dim=-1, stable=True).indices[:, :width]
         ar = torch.arange(sel.shape[1], device=dev).unsqueeze(0)
         ks_d = ks_h.to(dev, non_blocking=True)
         sel = torch.where(ar < ks_d.unsqueeze(-1), sel, torch.full_like(sel, -1))
@@ -949,7 +1019,8 @@ def _finish_stage(p: _Prepared) -> Tuple[torch.LongTensor, Optional[torch.Tensor
 def frame_level_select_many(inputs: Sequence[StageInput], *,
                             greedy: Optional[Callable[..., torch.Tensor]] = None,
                             greedy_many: Optional[Callable[[List[GreedyCall]],
-                                                           List[torch.Tensor]]] = None
+                                                           List[torch.Tensor]]] = None,
+                            device_counts: bool = False
                             ) -> List[Tuple[torch.LongTensor, Optional[torch.Tensor]]]:
     """:func:`frame_level_select` on several videos (one stage boundary of a batch), with
     one device read for all of them: first every video's device work that does not need its
@@ -971,7 +1042,17 @@ def frame_level_select_many(inputs: Sequence[StageInput], *,
     Returns per video (kept positions ascending, kept tokens per segment (M,) int64 on the
     host -- the next stage's ``lengths``; None for a stage that keeps all or none of a
     video whose lengths were not given).
+
+    ``device_counts=True``: the sync-free boundary. Nothing is read back: the Eq. 4-5 counts
+    are computed on the device (:func:`~hieravid_vllm.core.schedule.segment_counts_on_device`,
+    equal to the host's except for ties decided by round-off, see there), the layout and
+    the greedy's output are padded to host bounds (``StageInput.max_length``, the target),
+    and the kept tokens per segment are returned on the device (the next boundary's
+    ``lengths``, with ``max_length`` = this stage's bound). The greedy then gets device
+    ``ks`` and a ``GreedyCall.k_max`` bound (the Triton path launches without reading).
     """
+    if device_counts:
+        return _select_many_on_device(inputs, greedy, greedy_many)
     preps = [_prepare_stage(inp) for inp in inputs]
     need = [p for p in preps if p.sums is not None]
     if need:
@@ -986,6 +1067,29 @@ def frame_level_select_many(inputs: Sequence[StageInput], *,
     dpp = [p for p in preps if p.done is None and p.inp.use_dpp]
     calls = [GreedyCall(p.feats, p.lengths_h, p.ks_h, weights=p.r_pad, scale=p.scale,
                         eps=p.inp.config.dpp_eps, fallback_scores=p.r_pad) for p in dpp]
+    if greedy_many is None and greedy is not None:
+        sels = [greedy(c.features, c.lengths, c.ks, weights=c.weights, scale=c.scale,
+                       eps=c.eps, fallback_scores=c.fallback_scores) for c in calls]
+    else:
+        sels = (greedy_many or greedy_map_batched_many)(calls) if calls else []
+    for p, sel in zip(dpp, sels):
+        p.sel = sel
+    return [_finish_stage(p) for p in preps]
+
+
+def _select_many_on_device(inputs, greedy, greedy_many):
+    """:func:`frame_level_select_many` with ``device_counts``: no host read."""
+    from .schedule import segment_counts_on_device
+
+    preps = [_prepare_stage(inp, device_counts=True) for inp in inputs]
+    for p in preps:
+        if p.done is None:
+            p.ks_d = segment_counts_on_device(p.sums, p.lengths_d, p.n, int(p.inp.target),
+                                              p.inp.config)
+    dpp = [p for p in preps if p.done is None and p.inp.use_dpp]
+    calls = [GreedyCall(p.feats, p.lengths_d, p.ks_d, weights=p.r_pad, scale=p.scale,
+                        eps=p.inp.config.dpp_eps, fallback_scores=p.r_pad, k_max=p.k_bound)
+             for p in dpp]
     if greedy_many is None and greedy is not None:
         sels = [greedy(c.features, c.lengths, c.ks, weights=c.weights, scale=c.scale,
                        eps=c.eps, fallback_scores=c.fallback_scores) for c in calls]

@@ -156,17 +156,24 @@ def select_layer_stage(hidden_visual: torch.Tensor, query: Optional[torch.Tensor
                                   use_dpp=use_dpp, num_segments=num_segments)
 
 
-def select_layer_stage_many(inputs: Sequence[StageInput], *, ops: Optional[PruneOps] = None
+def select_layer_stage_many(inputs: Sequence[StageInput], *, ops: Optional[PruneOps] = None,
+                            device_counts: bool = False
                             ) -> List[Tuple[torch.LongTensor, Optional[torch.Tensor]]]:
     """:func:`select_layer_stage` for the videos that select at one stage boundary of a batch
     (one :class:`~hieravid_vllm.core.dpp.StageInput` each): per video (kept positions
     ascending, kept tokens per segment (M,) int64 on the host, the next stage's
     ``lengths``), each video the same result as :func:`select_layer_stage` alone. With every
     ``lengths`` given, the boundary reads the device once (the Eq. 4 segment sums of all
-    videos), see :func:`~hieravid_vllm.core.dpp.frame_level_select_many`."""
+    videos), see :func:`~hieravid_vllm.core.dpp.frame_level_select_many`.
+    ``device_counts``: the sync-free boundary (nothing read back; the kept tokens per
+    segment come back on the device), see there; needs ``ops.frame_level_select_many``."""
     ops = REFERENCE_OPS if ops is None else ops
     inputs = [replace(i, config=HieraVidConfig.coerce(i.config)) for i in inputs]
     many = getattr(ops, "frame_level_select_many", None)
+    if device_counts:
+        if many is None:
+            raise ValueError("device_counts needs ops with frame_level_select_many")
+        return many(inputs, device_counts=True)
     if many is not None:
         return many(inputs)
     return [(ops.frame_level_select(i.hidden, i.query, i.segment_ids, i.target, i.config,

@@ -62,6 +62,7 @@ __all__ = [
     "segment_scores",
     "allocate_segment_counts",
     "segment_counts",
+    "segment_counts_on_device",
 ]
 
 
@@ -457,3 +458,109 @@ def segment_counts_from_sums(sums_h: Optional[np.ndarray], lengths_h: np.ndarray
     sign = 1.0 if config.segment_score_keeps_more else -1.0
     keep = base_keep + sign * config.r_var * z
     return _allocate_counts_host(lengths_h, keep, int(target))
+
+
+# ------------------------------------------------------------------------------------------
+# Eq. 4-5 on the device (the sync-free stage boundary)
+# ------------------------------------------------------------------------------------------
+def _cos_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """:func:`_cos` in torch (row-wise cosine, 0 when either vector is zero)."""
+    num = (a * b).sum(-1)
+    den = torch.sqrt((a * a).sum(-1)) * torch.sqrt((b * b).sum(-1))
+    return torch.where(den > eps, num / den.clamp_min(eps), torch.zeros_like(num))
+
+
+def segment_counts_on_device(sums: Optional[torch.Tensor], lengths: torch.Tensor, n: int,
+                             target: int, config: HieraVidConfig) -> torch.Tensor:
+    """:func:`segment_counts_from_sums` (Eq. 4-5 and the allocation) with every M-sized step
+    on ``lengths``' device and nothing read back: int64 (M,) counts on that device.
+
+    For a stage boundary inside the LLM on a GPU, where one read of the segment sums is a
+    host synchronisation that drains the stream (the layers queued before it) and leaves the
+    GPU idle while the host computes the counts and launches what follows. Here nothing
+    waits: the counts, the greedy and the gathers are enqueued behind the layers.
+
+    ``sums`` (M, C) float32 segment sums (:func:`segment_sums`; may be None when ``r_var`` is
+    0 or M <= 1), ``lengths`` (M,) int64 tokens per segment on the device, ``n`` = their sum
+    and ``target`` (host ints, 0 < target < n).
+
+    The same formulas as the host path; what differs (our choice, documented): empty segments
+    are masked instead of dropped (a zero row adds exact zeros to the neighbour sums, so the
+    sums are the same), and the reconciliation shift tau is solved from the piecewise-linear
+    form (breakpoints -keep_m and 1 - keep_m, all evaluated at once, interpolated on the
+    piece that crosses ``target``, :func:`_shift_estimate`'s formula) instead of the host's
+    bisection to the largest double. Both are deterministic; the counts agree with the
+    host's except where the host and device round-off decide a tie: a y_m = len_m clip(keep_m
+    + tau, 0, 1) within a few ulps of an integer (largest remainder gives that unit back:
+    its fractional part is ~1), or two fractional parts equal to round-off at the cut (tests:
+    exact equality on random inputs, the sum and bounds everywhere).
+    """
+    dev = lengths.device
+    lengths = lengths.to(torch.int64)
+    M = lengths.shape[0]
+    if not 0 < target < n:
+        raise ValueError(f"target must be in (0, {n}) here, got {target}")
+    lf = lengths.to(torch.float64)
+    nonempty = lengths > 0
+    z = torch.zeros(M, dtype=torch.float64, device=dev)
+    if sums is not None and M > 1 and config.r_var > 0:
+        if config.missing_neighbor not in ("neutral", "zero"):
+            raise ValueError("missing_neighbor must be 'neutral' or 'zero', got "
+                             f"{config.missing_neighbor!r}")
+        # Eq. 4 on the non-empty segments (float32 means, as on the host, then float64)
+        g = (sums.to(torch.float32) / lengths.clamp_min(1).to(torch.float32)[:, None]
+             ).to(torch.float64)
+        g = torch.where(nonempty[:, None], g, torch.zeros_like(g))
+        csum = torch.cumsum(g, 0)
+        s_l = _cos_rows(g, csum - g)                    # left neighbours' sum
+        s_r = _cos_rows(g, csum[-1:] - csum)            # right neighbours' sum
+        ar = torch.arange(M, device=dev)
+        cnt = nonempty.sum()
+        if config.missing_neighbor == "neutral":
+            first = torch.where(nonempty, ar, torch.full_like(ar, M)).min()
+            last = torch.where(nonempty, ar, torch.full_like(ar, -1)).max()
+            den = (cnt - 1).clamp_min(1).to(torch.float64)
+            mean_l = torch.where(nonempty & (ar != first), s_l, torch.zeros_like(s_l)).sum() / den
+            mean_r = torch.where(nonempty & (ar != last), s_r, torch.zeros_like(s_r)).sum() / den
+            s_l = torch.where(ar == first, mean_l, s_l)
+            s_r = torch.where(ar == last, mean_r, s_r)
+        b = config.lam * s_r + (1.0 - config.lam) * (1.0 - s_l)
+        cf = cnt.clamp_min(1).to(torch.float64)
+        bm = torch.where(nonempty, b, torch.zeros_like(b))
+        mean = bm.sum() / cf
+        dev_b = torch.where(nonempty, b - mean, torch.zeros_like(b))
+        std = torch.sqrt((dev_b * dev_b).sum() / cf)                   # population std
+        ok = (std > 1e-12) & (cnt > 1)
+        z = torch.where(ok & nonempty, dev_b / torch.where(ok, std, torch.ones_like(std)), z)
+    sign = 1.0 if config.segment_score_keeps_more else -1.0
+    keep = (target / n) + sign * config.r_var * z
+    # the shift tau with sum_m lf_m clip(keep_m + tau, 0, 1) = target: F is nondecreasing and
+    # piecewise linear between the breakpoints, F(first) = 0 <= target < n = F(last)
+    P = torch.sort(torch.cat((-keep, 1.0 - keep))).values                 # (2M,)
+    F = (lf[None, :] * torch.clamp(keep[None, :] + P[:, None], 0.0, 1.0)).sum(1)
+    i = ((F <= target).sum() - 1).clamp(0, 2 * M - 2).view(1)
+    ii = torch.cat((i, i + 1))                 # a tensor index, not P[i]: that reads i back
+    p0, p1 = P.gather(0, ii).unbind()
+    f0, f1 = F.gather(0, ii).unbind()
+    slope_ok = f1 > f0
+    tau = p0 + (target - f0) * (p1 - p0) / torch.where(slope_ok, f1 - f0, torch.ones_like(f1))
+    y = lf * torch.clamp(keep + tau, 0.0, 1.0)
+    # largest remainder, ties by lower index, never above len_m (the host's rule)
+    base = torch.minimum(torch.floor(y).to(torch.int64), lengths)
+    r = target - base.sum()
+    frac = y - base.to(torch.float64)
+    eligible = base < lengths
+    order = torch.sort(torch.where(eligible, -frac, torch.full_like(frac, math.inf)),
+                       stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(M, device=dev)
+    give = torch.minimum(r.clamp_min(0), eligible.sum())
+    counts = base + (rank < give).to(torch.int64)
+    # round-off leftovers (either sign) in index order, within [0, len_m]
+    left = target - counts.sum()
+    cap = lengths - counts
+    before = torch.cumsum(cap, 0) - cap
+    counts = counts + torch.minimum((left - before).clamp_min(0), cap)
+    over = (-left).clamp_min(0)
+    before = torch.cumsum(counts, 0) - counts
+    return counts - torch.minimum((over - before).clamp_min(0), counts)

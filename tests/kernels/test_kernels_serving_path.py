@@ -140,3 +140,33 @@ def test_select_layer_stage_many_ops(triton_calls, monkeypatch, gen):
     assert flags == [False, False]
     for (keep, _counts), w in zip(got, want):
         assert torch.equal(keep, w)
+
+
+def test_select_layer_stage_many_device_counts(triton_calls, monkeypatch, gen):
+    """The sync-free boundary through the dispatch: the Triton greedy gets the device counts
+    with a host width bound (``k_max``) and no validation read (``check=False``), and every
+    video keeps what the host-counts path keeps, with the same per-segment counts."""
+    from hieravid_vllm.core.pipeline import StageInput, select_layer_stage_many
+
+    kws = []
+    real = hk_dpp.greedy_map_batched_triton
+    monkeypatch.setattr(hk_dpp, "greedy_map_batched_triton",
+                        lambda *a, **k: kws.append(k) or real(*a, **k))
+    inputs = []
+    for n, M, target, use_dpp in ((60, 3, 21, True), (35, 2, 11, False), (44, 4, 30, True),
+                                  (50, 5, 7, True)):
+        seg = torch.sort(torch.randint(0, M, (n,), generator=gen)).values
+        inputs.append(StageInput(torch.randn(n, 40, generator=gen).to(torch.bfloat16),
+                                 torch.randn(40, generator=gen), seg, target, HieraVidConfig(),
+                                 use_dpp, M, torch.bincount(seg, minlength=M)))
+    want = select_layer_stage_many(inputs)
+    dev_inputs = [StageInput(i.hidden, i.query, i.segment_ids, i.target, i.config, i.use_dpp,
+                             i.num_segments, i.lengths.clone(), max_length=int(i.lengths.max()))
+                  for i in inputs]
+    monkeypatch.setenv("HIERAVID_KERNELS_BACKEND", "triton")
+    got = select_layer_stage_many(dev_inputs, ops=hk.OPS, device_counts=True)
+    assert [(k["k_max"], k["check"], k["read_flag"]) for k in kws] == [
+        (min(int(i.lengths.max()), i.target), False, False) for i in inputs if i.use_dpp]
+    for (keep, counts), (w_keep, w_counts) in zip(got, want):
+        assert torch.equal(keep, w_keep)
+        assert torch.equal(counts, w_counts)

@@ -26,6 +26,7 @@ import ast
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,37 @@ def mismatches(schemas: dict, sites) -> tuple:
     return checked, bad
 
 
+def static_schemas(library: str) -> dict:
+    """The schemas ``library`` defines, read from its bytes without loading it: every
+    NUL-terminated string of the form ``name(args) -> returns`` that torch's schema parser
+    accepts (vLLM's ``ops.def("...")`` literals), in the ``_C`` namespace all the x86 builds
+    register. For a build this CPU cannot load (an AVX-512 build on an AVX2-only machine dies
+    with an illegal instruction in its initialisers); on the builds a machine can load it
+    equals the loaded schemas (tests/test_env_ops_check.py)."""
+    import re
+
+    import torch
+
+    pattern = re.compile(r"^[A-Za-z_]\w*\(.*\)\s*->", re.S)
+    out = {}
+    for raw in Path(library).read_bytes().split(b"\x00"):
+        try:
+            text = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            continue
+        if not pattern.match(text):
+            continue
+        try:
+            schema = torch._C.parse_schema(text)
+        except RuntimeError:
+            continue
+        if schema.arguments:
+            out[f"_C::{schema.name}"] = ([a.name for a in schema.arguments],
+                                         sum(1 for a in schema.arguments
+                                             if not a.has_default_value()))
+    return out
+
+
 def _schemas_of(library: str) -> None:
     """Child process: print the schemas ``library`` registers as JSON."""
     import torch
@@ -115,13 +147,23 @@ def main() -> int:
     for lib in libraries:
         out = subprocess.run([sys.executable, __file__, "--schemas-of", lib],
                              capture_output=True, text=True, env=dict(os.environ))
-        if out.returncode != 0:
+        tag = Path(lib).name.split(".")[0]
+        if out.returncode == -signal.SIGILL:
+            # a build for an ISA this CPU lacks: its schemas from its bytes instead
+            schemas = {k: tuple(v) for k, v in static_schemas(lib).items()}
+            print(f"[check_vllm033_ops] {tag}: this CPU cannot load it (illegal instruction); "
+                  f"its {len(schemas)} op schemas read from the library's schema strings")
+            if not schemas:
+                print(f"[check_vllm033_ops] could not read the schemas of {lib}",
+                      file=sys.stderr)
+                return 1
+        elif out.returncode != 0:
             print(f"[check_vllm033_ops] could not load {lib}:\n{out.stderr[-2000:]}",
                   file=sys.stderr)
             return 1
-        schemas = {k: tuple(v) for k, v in json.loads(out.stdout.splitlines()[-1]).items()}
+        else:
+            schemas = {k: tuple(v) for k, v in json.loads(out.stdout.splitlines()[-1]).items()}
         checked, bad = mismatches(schemas, sites)
-        tag = Path(lib).name.split(".")[0]
         for name, line in bad:
             if name in NOT_REACHED:
                 print(f"[check_vllm033_ops] {tag}: not reached ({NOT_REACHED[name]}): {line}",

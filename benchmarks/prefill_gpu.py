@@ -19,7 +19,10 @@ attention, 1-D RoPE) and, side by side in one process,
   stage the frame-level selection (Eq. 4-11) on the residual stream, query = the last prompt
   token, through ``core.pipeline.select_layer_stage_many(..., ops=hieravid_kernels.OPS)`` with
   the segment lengths tracked on the host -- the call the vLLM stage hook makes -- and the
-  following layers on the kept rows only.
+  following layers on the kept rows only;
+* ``hieravid full (sync-free)``: the same with ``device_counts=True``: the Eq. 4-5 counts on
+  the device, so no selection reads anything back and the host never waits inside the
+  prefill (the segment lengths stay on the device between boundaries).
 
 Times are wall-clock medians (host timer, device synchronised) of ``--reps`` runs after one
 warm-up. "prefill ms (all in)": the runs as served, nothing synchronised inside (the selection
@@ -113,11 +116,13 @@ def _sync(dev):
 
 
 def run_prompt(dec, pre, vis, post, vis_pos, post_pos, seg=None, sched=None, cfg=None, ops=None,
-               dev=None, timings=None):
+               dev=None, timings=None, device_counts=False):
     """Prefill ``[pre, vis, post]``; with ``sched``: full mode's in-LLM stages (drop visual
     rows at the first layer of every stage >= 1). Returns the last row and per-layer counts.
     ``timings``: synchronise around each selection and add its time to ``timings["select"]``
-    (None: nothing synchronised, as served)."""
+    (None: nothing synchronised, as served). ``device_counts``: the sync-free boundary (Eq. 4-5
+    counts on the device, nothing read back; the segment lengths stay on the device between
+    boundaries, with a host bound of their maximum)."""
     n_pre, n_post = pre.shape[0], post.shape[0]
     h = torch.cat([pre, vis, post])
     pos = torch.cat([torch.arange(n_pre, device=h.device), vis_pos, post_pos])
@@ -127,6 +132,7 @@ def run_prompt(dec, pre, vis, post, vis_pos, post_pos, seg=None, sched=None, cfg
     lengths = None
     if sched is not None:   # tokens per segment on the host, once (the engine: at the encoder)
         lengths = torch.bincount(seg.to("cpu", torch.int64))
+        bound = int(lengths.max())
     for i in range(dec.L):
         if i in starts:
             stage += 1
@@ -135,8 +141,11 @@ def run_prompt(dec, pre, vis, post, vis_pos, post_pos, seg=None, sched=None, cfg
             t0 = time.perf_counter()
             nv = h.shape[0] - n_pre - n_post
             inp = StageInput(h[n_pre:n_pre + nv], h[-1], seg, sched.counts[stage], cfg,
-                             bool(sched.uses_dpp[stage]), lengths.shape[0], lengths)
-            [(keep, lengths)] = select_layer_stage_many([inp], ops=ops)
+                             bool(sched.uses_dpp[stage]), lengths.shape[0], lengths,
+                             max_length=bound)
+            [(keep, lengths)] = select_layer_stage_many([inp], ops=ops,
+                                                        device_counts=device_counts)
+            bound = min(bound, int(sched.counts[stage]))
             if timings is not None and "calls" in timings:      # --profile: keep the inputs
                 timings["calls"].append(inp)
             rows = torch.cat([torch.arange(n_pre, device=h.device), keep + n_pre,
@@ -241,7 +250,7 @@ def bench(shape: str, budgets, reps: int, dev, dtype, seed: int = 0, split_off: 
         for mode in ("input_only", "full"):
             cfg = HieraVidConfig(budget=b, mode=mode)
 
-            def hv(t, cfg=cfg, mode=mode):
+            def hv(t, cfg=cfg, mode=mode, device_counts=False):
                 t0 = time.perf_counter()
                 res = prune_input_stage(feats, post[-1] if mode == "input_only" else None, cfg,
                                         S["L"], ops=ops)
@@ -252,9 +261,13 @@ def bench(shape: str, budgets, reps: int, dev, dtype, seed: int = 0, split_off: 
                 return run_prompt(dec, pre, res.features.to(dtype), post,
                                   all_pos[res.kept_indices], post_pos, seg=res.segment_ids, sched=sched,
                                   cfg=cfg, ops=ops, dev=dev,
-                                  timings=t if t["timed"] else None)[1]
+                                  timings=t if t["timed"] else None,
+                                  device_counts=device_counts)[1]
             sched = build_schedule(cfg, N, S["L"], max_merge=(T - 1) * Hh * Ww)
             rows.append((f"hieravid {b} {mode}", sched, median_of(hv, parts=True)))
+            if mode == "full":   # the sync-free boundary: no device read inside the prefill
+                rows.append((f"hieravid {b} full (sync-free)", sched, median_of(
+                    lambda t, hv=hv: hv(t, device_counts=True), parts=True)))
             if split_off:   # the greedy MAP with one program per segment (the old default)
                 with mock.patch.dict(os.environ, {ENV_SPLIT: "off"}):
                     rows.append((f"hieravid {b} {mode} (DPP split off)", sched,

@@ -307,14 +307,15 @@ def select_v1_runner(engine_args) -> None:
 
 
 def check_kernel_env() -> None:
-    """Start-up check of the kernels' launch setting ``HIERAVID_DPP_SPLIT`` and of the CPU
-    greedy's host loop ``HIERAVID_HOST_GREEDY`` (read by every worker at its first
-    selection): a bad value stops start-up naming the variable instead of failing the first
-    video request inside the engine. (numba itself is imported by the workers only, see
-    :func:`hieravid_vllm.core.dpp.check_host_greedy_env`.)"""
-    from hieravid_vllm.core.dpp import check_host_greedy_env
+    """Start-up check of the kernels' launch setting ``HIERAVID_DPP_SPLIT``, of the CPU
+    greedy's host loop ``HIERAVID_HOST_GREEDY`` and of ``HIERAVID_BOUNDARY_COUNTS`` (read by
+    every worker at its first selection): a bad value stops start-up naming the variable
+    instead of failing the first video request inside the engine. (numba itself is imported
+    by the workers only, see :func:`hieravid_vllm.core.dpp.check_host_greedy_env`.)"""
+    from hieravid_vllm.core.dpp import boundary_counts_on_device, check_host_greedy_env
 
     check_host_greedy_env()
+    boundary_counts_on_device()
     try:
         from hieravid_kernels.dpp import default_split
     except ImportError:  # pragma: no cover - the package ships both

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from hieravid_vllm.core import HieraVidConfig
+from hieravid_vllm.core.dpp import boundary_counts_on_device
 from hieravid_vllm.core.pipeline import StageInput, select_layer_stage, select_layer_stage_many
 
 logger = logging.getLogger("vllm.hieravid_vllm")
@@ -529,6 +530,10 @@ def _video_rows(plan: StepPlan, h: int) -> List[tuple]:
     return out
 
 
+#: one-time log lines of this process
+_LOGGED: Dict[str, bool] = {}
+
+
 def _rows(hidden: torch.Tensor, residual: Optional[torch.Tensor], a: int, b: int) -> torch.Tensor:
     """Rows ``[a, b)`` of the residual stream (hidden + residual) as float32."""
     x = hidden[a:b] if residual is None else hidden[a:b] + residual[a:b]
@@ -551,12 +556,19 @@ def _select_rows(plan: StepPlan, g: int, hidden: torch.Tensor, residual: Optiona
     new_n = n_rows - sum(n - int(v.counts[g]) for _r, _vi, v, _a, n, _q in spans)
     inputs = []
     for r, vi, v, a, n, q_end in spans:
-        seg, nseg, lengths = seg_state[(r.index, vi)]
+        seg, nseg, lengths, bound = seg_state[(r.index, vi)]
         inputs.append(StageInput(_rows(hidden, residual, a, a + n),
                                  _rows(hidden, residual, a + n, q_end), seg, v.counts[g],
-                                 v.config, bool(v.uses_dpp[g]), nseg, lengths))
-    # every video of the boundary at once: one device read (the Eq. 4 segment sums)
-    results = select_layer_stage_many(inputs, ops=_kernel_ops())
+                                 v.config, bool(v.uses_dpp[g]), nseg, lengths,
+                                 max_length=bound))
+    # every video of the boundary at once: one device read (the Eq. 4 segment sums), or
+    # none with HIERAVID_BOUNDARY_COUNTS=device (the counts stay on the device)
+    on_device = boundary_counts_on_device()
+    if on_device and not _LOGGED.get("device_counts"):
+        _LOGGED["device_counts"] = True
+        logger.info("HieraVid: stage boundaries compute their Eq. 4-5 counts on the device "
+                    "(HIERAVID_BOUNDARY_COUNTS=device): no read-back inside the forward")
+    results = select_layer_stage_many(inputs, ops=_kernel_ops(), device_counts=on_device)
     idx = np.empty(new_n, dtype=np.int64)
     parts = []
     src = dst = 0
@@ -573,7 +585,9 @@ def _select_rows(plan: StepPlan, g: int, hidden: torch.Tensor, residual: Optiona
         dst += k
         src = a + n
         seg, nseg = inp.segment_ids, inp.num_segments
-        seg_state[key] = (seg[keep.to(seg.device)], nseg, counts)
+        # host bound of the next stage's longest segment (the sync-free layout's width)
+        bound = k if inp.max_length is None else min(int(inp.max_length), k)
+        seg_state[key] = (seg[keep.to(seg.device)], nseg, counts, bound)
         if kept_log is not None:  # debug dump: what the selection saw and chose
             vpos[key] = vpos[key][keep]
             kept_log.setdefault(v.mm_hash, []).append({
@@ -608,7 +622,9 @@ def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
     for r in plan.reqs:
         for vi, v in enumerate(r.selecting):
             lay = layouts[v.mm_hash]
-            seg_state[(r.index, vi)] = (lay[0], lay[1], lay[2] if len(lay) > 2 else None)
+            lengths = lay[2] if len(lay) > 2 else None
+            seg_state[(r.index, vi)] = (lay[0], lay[1], lengths, None if lengths is None
+                                        else int(lengths.max()) if lengths.numel() else 0)
             if kept_log is not None:  # video-relative positions of its current rows
                 vpos[(r.index, vi)] = torch.arange(v.counts[0], device=device)
     boundaries = set(plan.boundaries[1:])

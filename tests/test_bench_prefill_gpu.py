@@ -49,7 +49,8 @@ def test_rows_match_the_schedule_and_eq12(pg):
     base = _eq12([N + text] * S["L"], S["d"], S["m"])
     by = {r["config"]: r for r in rows}
     assert set(by) == {"unpruned", "evs 0.3", "evs 0.1", "hieravid 0.3 input_only",
-                       "hieravid 0.3 full", "hieravid 0.1 input_only", "hieravid 0.1 full"}
+                       "hieravid 0.3 full", "hieravid 0.1 input_only", "hieravid 0.1 full",
+                       "hieravid 0.3 full (sync-free)", "hieravid 0.1 full (sync-free)"}
     assert by["unpruned"]["tokens_layer0"] == N and by["unpruned"]["ratio"] == 1.0
     for b in (0.3, 0.1):
         n_evs = math.floor(b * N + 0.5)
@@ -68,11 +69,19 @@ def test_rows_match_the_schedule_and_eq12(pg):
                 _eq12([c + text for c in per_layer], S["d"], S["m"]) / base)
             assert r["ms"] > 0 and r["input_ms"] > 0
             assert (r["select_ms"] > 0) == (mode == "full")
+        sf = by[f"hieravid {b} full (sync-free)"]
+        full = by[f"hieravid {b} full"]
+        assert (sf["tokens_layer0"], sf["tokens_last"], sf["flops"]) == (
+            full["tokens_layer0"], full["tokens_last"], full["flops"])
+        assert sf["select_ms"] > 0
 
 
-def test_full_mode_drops_rows_like_a_masked_unpruned_run(pg):
+@pytest.mark.parametrize("device_counts", [False, True])
+def test_full_mode_drops_rows_like_a_masked_unpruned_run(pg, device_counts):
     """Second formulation of the layer loop: all rows stay, and from the first layer of each
-    stage on, the visual rows that stage dropped are masked out of every query's attention."""
+    stage on, the visual rows that stage dropped are masked out of every query's attention
+    (the reference selection reads the counts back; ``device_counts``: the run under test
+    uses the sync-free boundary, lengths kept on the device between stages)."""
     from hieravid_vllm.core.config import HieraVidConfig
     from hieravid_vllm.core.pipeline import prune_input_stage, select_layer_stage
 
@@ -91,7 +100,8 @@ def test_full_mode_drops_rows_like_a_masked_unpruned_run(pg):
     vis_pos = res.kept_indices + 5
     post_pos = torch.arange(7) + 5 + N
     got, counts = pg.run_prompt(dec, pre, res.features, post, vis_pos, post_pos,
-                                seg=res.segment_ids, sched=res.schedule, cfg=cfg)
+                                seg=res.segment_ids, sched=res.schedule, cfg=cfg,
+                                device_counts=device_counts)
 
     # second formulation: no gathers, a boolean "alive" mask over the input stage's rows
     h = torch.cat([pre, res.features, post])

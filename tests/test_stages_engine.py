@@ -94,6 +94,40 @@ class TestQwen25Stages:
         assert answer(server, video_messages(videos["b"], QUESTION), 2)[0] is not None
 
 
+class TestQwen25DeviceCounts:
+    """``HIERAVID_BOUNDARY_COUNTS=device``: the sync-free boundary (Eq. 4-5 counts on the
+    device, the segment lengths kept there between boundaries) in the real engine, on CPU
+    tensors: the same logits and kept tokens as the reference, and the same answers alone
+    and with both videos in one step (a boundary selecting for two videos at once)."""
+
+    @pytest.fixture(scope="class")
+    def server(self, model, tmp_path_factory, start_server):
+        d = tmp_path_factory.mktemp("debug-device-counts")
+        s = start_server(model, "qwen25-device-counts",
+                         ["--hieravid-budget", str(BUDGET), "--max-num-seqs", "8",
+                          "--max-logprobs", str(TOP)],
+                         env={"HIERAVID_DEBUG_DIR": str(d),
+                              "HIERAVID_BOUNDARY_COUNTS": "device"},
+                         max_num_batched_tokens=1024)
+        s.debug_dir = d
+        yield s
+        s.stop()
+
+    def test_logits_stages_and_batch(self, server, videos):
+        check_against_reference(server, "qwen2_5_vl", videos["a"], BUDGET, server.debug_dir)
+        jobs = [("a", QUESTION), ("b", QUESTION), ("a", "Describe it."), ("b", "Describe it.")]
+
+        def run(job):
+            return answer(server, video_messages(videos[job[0]], job[1]), max_tokens=12)
+
+        alone = {job: run(job) for job in jobs}
+        with cf.ThreadPoolExecutor(4) as ex:
+            assert list(ex.map(run, jobs)) == [alone[j] for j in jobs]
+        # the worker took the sync-free path (logged at its first boundary)
+        assert "compute their Eq. 4-5 counts on the device" in server.log_path.read_text(
+            errors="replace")
+
+
 class TestQwen25Preemption:
     """A KV cache of a few blocks: room for 512 tokens of the model's KV spec (1 MiB for the
     tiny model: 64 blocks of 32 tokens per 1-layer stage group; one request grows to ~50 of

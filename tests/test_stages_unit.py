@@ -227,8 +227,9 @@ def test_full_mode_refuses_the_shm_processor_cache():
 
 @pytest.mark.parametrize("mode", ["full", "input_only"])
 def test_bad_dpp_split_env_stops_start_up(mode, monkeypatch):
-    """HIERAVID_DPP_SPLIT (the greedy kernel's launch) and HIERAVID_HOST_GREEDY (the CPU
-    greedy's loop) are checked at start-up in both modes, the error names the variable; a
+    """HIERAVID_DPP_SPLIT (the greedy kernel's launch), HIERAVID_HOST_GREEDY (the CPU
+    greedy's loop) and HIERAVID_BOUNDARY_COUNTS (where a boundary's counts are computed) are
+    checked at start-up in both modes, the error names the variable; a
     good value passes."""
     from hieravid_vllm import vllm_patches
     from hieravid_vllm.options import ServingOptions
@@ -243,6 +244,11 @@ def test_bad_dpp_split_env_stops_start_up(mode, monkeypatch):
     with pytest.raises(ValueError, match="HIERAVID_HOST_GREEDY"):
         vllm_patches.configure_stages(_engine_args(), opts)
     monkeypatch.setenv("HIERAVID_HOST_GREEDY", "numpy")
+    assert vllm_patches.configure_stages(_engine_args(), opts).config.mode == mode
+    monkeypatch.setenv("HIERAVID_BOUNDARY_COUNTS", "gpu")
+    with pytest.raises(ValueError, match="HIERAVID_BOUNDARY_COUNTS"):
+        vllm_patches.configure_stages(_engine_args(), opts)
+    monkeypatch.setenv("HIERAVID_BOUNDARY_COUNTS", "device")
     assert vllm_patches.configure_stages(_engine_args(), opts).config.mode == mode
 
 

@@ -655,6 +655,27 @@ ENV_HOST_GREEDY = "HIERAVID_HOST_GREEDY"
 _COMPILED: dict = {}
 
 
+#: Where a stage boundary inside the LLM computes its Eq. 4-5 per-segment counts (read by
+#: the serving path's workers, ``stages._select_rows``): ``host`` (default) reads the segment
+#: sums back once per boundary and computes the counts in numpy; ``device`` computes them on
+#: the device and reads nothing (``frame_level_select_many(device_counts=True)``), so on a
+#: GPU the host never waits inside the forward. On CPU ``host`` is faster (numpy's per-op
+#: cost is a tenth of torch's); ``device`` is the GPU candidate, not yet timed in vLLM on a
+#: GPU (benchmarks/prefill_gpu.py's "sync-free" rows time it in plain PyTorch).
+ENV_BOUNDARY_COUNTS = "HIERAVID_BOUNDARY_COUNTS"
+
+
+def boundary_counts_on_device() -> bool:
+    """``HIERAVID_BOUNDARY_COUNTS`` (:data:`ENV_BOUNDARY_COUNTS`): True for ``device``, False
+    for ``host`` or unset; any other value raises naming the variable."""
+    import os
+
+    raw = os.environ.get(ENV_BOUNDARY_COUNTS, "").strip().lower() or "host"
+    if raw not in ("host", "device"):
+        raise ValueError(f"{ENV_BOUNDARY_COUNTS} must be 'host' or 'device', got {raw!r}")
+    return raw == "device"
+
+
 def check_host_greedy_env() -> str:
     """The value of ``HIERAVID_HOST_GREEDY`` (``auto`` when unset), checked without importing
     numba: a bad value, or ``numba`` where numba is not installed, raises naming the
@@ -946,7 +967,7 @@ def _prepare_stage_on_device(p: _Prepared) -> _Prepared:
     if inp.lengths is not None:
         lengths = inp.lengths
         M = lengths.shape[0]
-        if lengths.device.type == "cpu" and dev.type != "cpu":     # host lengths: bound known
+        if lengths.device.type == "cpu":      # host lengths: reading them waits for nothing
             bound = int(lengths.max()) if M else 0
         else:
             bound = n if inp.max_length is None else min(n, int(inp.max_length))

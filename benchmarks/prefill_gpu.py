@@ -116,23 +116,39 @@ def _sync(dev):
 
 
 def run_prompt(dec, pre, vis, post, vis_pos, post_pos, seg=None, sched=None, cfg=None, ops=None,
-               dev=None, timings=None, device_counts=False):
+               dev=None, timings=None, device_counts=False, sync_debug=False):
     """Prefill ``[pre, vis, post]``; with ``sched``: full mode's in-LLM stages (drop visual
     rows at the first layer of every stage >= 1). Returns the last row and per-layer counts.
     ``timings``: synchronise around each selection and add its time to ``timings["select"]``
     (None: nothing synchronised, as served). ``device_counts``: the sync-free boundary (Eq. 4-5
     counts on the device, nothing read back; the segment lengths stay on the device between
-    boundaries, with a host bound of their maximum)."""
+    boundaries, with a host bound of their maximum). ``sync_debug`` (CUDA): the layer loop
+    runs under ``torch.cuda.set_sync_debug_mode("warn")``, so every synchronising call inside
+    the LLM forward warns (the caller counts the warnings)."""
     n_pre, n_post = pre.shape[0], post.shape[0]
     h = torch.cat([pre, vis, post])
     pos = torch.cat([torch.arange(n_pre, device=h.device), vis_pos, post_pos])
     cos, sin = dec.rope(pos)
     starts = set(sched.boundaries[1:len(sched.counts)]) if sched is not None else set()
-    stage, counts = 0, []
-    lengths = None
+    lengths = bound = None
     if sched is not None:   # tokens per segment on the host, once (the engine: at the encoder)
         lengths = torch.bincount(seg.to("cpu", torch.int64))
         bound = int(lengths.max())
+    if sync_debug:
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        h, counts = _layers(dec, h, cos, sin, starts, seg, sched, cfg, ops, dev, timings,
+                            device_counts, n_pre, n_post, lengths, bound)
+    finally:
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode("default")
+    return h[-1], counts
+
+
+def _layers(dec, h, cos, sin, starts, seg, sched, cfg, ops, dev, timings, device_counts,
+            n_pre, n_post, lengths, bound):
+    """The decoder layers of :func:`run_prompt`, with full mode's stage boundaries."""
+    stage, counts = 0, []
     for i in range(dec.L):
         if i in starts:
             stage += 1
@@ -156,7 +172,18 @@ def run_prompt(dec, pre, vis, post, vis_pos, post_pos, seg=None, sched=None, cfg
                 timings["select"] += time.perf_counter() - t0
         counts.append(h.shape[0] - n_pre - n_post)
         h = dec.layer(i, h, cos, sin)
-    return h[-1], counts
+    return h, counts
+
+
+def count_syncs(fn) -> int:
+    """How many synchronising CUDA calls ``fn`` makes while it has
+    ``torch.cuda.set_sync_debug_mode("warn")`` on (``run_prompt(..., sync_debug=True)``)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def profile_selection(feats, pre, post, all_pos, post_pos, dec, budgets, ops, dev, S):
@@ -250,7 +277,7 @@ def bench(shape: str, budgets, reps: int, dev, dtype, seed: int = 0, split_off: 
         for mode in ("input_only", "full"):
             cfg = HieraVidConfig(budget=b, mode=mode)
 
-            def hv(t, cfg=cfg, mode=mode, device_counts=False):
+            def hv(t, cfg=cfg, mode=mode, device_counts=False, sync_debug=False):
                 t0 = time.perf_counter()
                 res = prune_input_stage(feats, post[-1] if mode == "input_only" else None, cfg,
                                         S["L"], ops=ops)
@@ -262,12 +289,17 @@ def bench(shape: str, budgets, reps: int, dev, dtype, seed: int = 0, split_off: 
                                   all_pos[res.kept_indices], post_pos, seg=res.segment_ids, sched=sched,
                                   cfg=cfg, ops=ops, dev=dev,
                                   timings=t if t["timed"] else None,
-                                  device_counts=device_counts)[1]
+                                  device_counts=device_counts, sync_debug=sync_debug)[1]
             sched = build_schedule(cfg, N, S["L"], max_merge=(T - 1) * Hh * Ww)
             rows.append((f"hieravid {b} {mode}", sched, median_of(hv, parts=True)))
             if mode == "full":   # the sync-free boundary: no device read inside the prefill
                 rows.append((f"hieravid {b} full (sync-free)", sched, median_of(
                     lambda t, hv=hv: hv(t, device_counts=True), parts=True)))
+                if dev.type == "cuda":   # synchronising calls inside the LLM forward, counted
+                    for (name, _s, r), dc in zip(rows[-2:], (False, True)):
+                        r["syncs"] = count_syncs(lambda: hv(
+                            {"select": 0.0, "input": 0.0, "timed": False},
+                            device_counts=dc, sync_debug=True))
             if split_off:   # the greedy MAP with one program per segment (the old default)
                 with mock.patch.dict(os.environ, {ENV_SPLIT: "off"}):
                     rows.append((f"hieravid {b} {mode} (DPP split off)", sched,
@@ -282,7 +314,7 @@ def bench(shape: str, budgets, reps: int, dev, dtype, seed: int = 0, split_off: 
         if sched != "-":                 # the per-layer counts the run had = the schedule's
             want = sched.tokens_per_layer() if "full" in name else [sched.input_target] * S["L"]
             assert r["counts"] == want, (name, r["counts"], want)
-        out.append(dict(config=name, tokens_layer0=r["counts"][0],
+        out.append(dict(config=name, syncs=r.get("syncs"), tokens_layer0=r["counts"][0],
                         tokens_last=r["counts"][-1], ms=r["total"] * 1e3,
                         input_ms=r["input"] * 1e3, select_ms=r["select"] * 1e3,
                         ratio=r["total"] / base, flops=fl / base_flops))
@@ -310,6 +342,10 @@ def render(rows, N, shape, dev, reps, budgets, split_off=False) -> str:
         lines.append(f"| {r['config']} | {r['tokens_layer0']} / {r['tokens_last']} "
                      f"| {r['ms']:.1f} | {r['input_ms']:.1f} | {r['select_ms']:.1f} "
                      f"| {r['ratio']:.3f} | {r['flops']:.3f} | {vs} |")
+    syncs = [f"{r['config']}: {r['syncs']}" for r in rows if r.get("syncs") is not None]
+    if syncs:
+        lines += ["", "Synchronising CUDA calls inside the LLM forward (one prefill under "
+                  "`torch.cuda.set_sync_debug_mode(\"warn\")`): " + "; ".join(syncs) + "."]
     return "\n".join(lines)
 
 

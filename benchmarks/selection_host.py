@@ -14,7 +14,9 @@ segments in lockstep --, picks checked equal to the per-video calls).
 
 Rows (ms, median of ``--reps``): per video, the relevance-only stage, the DPP stage and the
 Eq. 4-5 counts alone; per boundary (all videos), the per-video greedy calls against the one
-call for all. To compare two checkouts, run it under each (``PYTHONPATH=<checkout>``),
+call for all; and the whole boundary in one ``select_layer_stage_many`` call with the counts
+read back (the default) against the sync-free boundary (``device_counts=True``, what
+``HIERAVID_BOUNDARY_COUNTS=device`` runs; picks checked equal first). To compare two checkouts, run it under each (``PYTHONPATH=<checkout>``),
 alternating. Needs torch and numpy only (no vLLM); CPU timings, no GPU numbers.
 
 ``--replay DIR`` times the engine's own selection inputs instead: the stage dumps a server
@@ -45,6 +47,8 @@ import torch  # noqa: E402
 from hieravid_vllm.core import HieraVidConfig  # noqa: E402
 from hieravid_vllm.core.dpp import (GreedyCall, frame_level_select,  # noqa: E402
                                     greedy_map_batched, greedy_map_batched_many)
+from hieravid_vllm.core.dpp import StageInput  # noqa: E402
+from hieravid_vllm.core.pipeline import select_layer_stage_many  # noqa: E402
 from hieravid_vllm.core.schedule import host_segment_lengths, segment_counts  # noqa: E402
 
 #: (boundary, visual tokens in, kept, DPP) per video: the 0.3 schedule of the bench preset's
@@ -106,8 +110,9 @@ def run(args) -> str:
              f"C = {args.hidden}, {M} segments each; median of {args.reps} (ms).", "",
              "| boundary | tokens in / kept per video | stage per video | Eq. 4-5 counts "
              "per video | greedy, per-video calls (all videos) | greedy, one batched call "
-             "(all videos) |",
-             "|---|---|---:|---:|---:|---:|"]
+             "(all videos) | boundary, one call, host counts (all videos) | boundary, one "
+             "call, device counts (all videos) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for b, n, k, dpp in BOUNDARIES:
         n, k = max(M + 1, n * args.scale // 100), max(1, k * args.scale // 100)
         vids = make_videos(args.videos, n, M, args.hidden, gen)
@@ -130,8 +135,19 @@ def run(args) -> str:
                                    fallback_scores=w) for f, lh_, ks, w in inputs], args.reps)
             batched = "%.1f" % median_ms(lambda: batched_greedy(inputs, sc, cfg.dpp_eps),
                                          args.reps)
+        # the whole boundary as the stage hook calls it, counts read back (default) or
+        # computed on the device (HIERAVID_BOUNDARY_COUNTS=device): same picks, timed
+        inputs_b = [StageInput(h_, q_, s_, k, cfg, dpp, M, host_segment_lengths(s_, M))
+                    for h_, q_, s_ in vids]
+        host_b = select_layer_stage_many(inputs_b)
+        dev_b = select_layer_stage_many(inputs_b, device_counts=True)
+        for (k1, c1), (k2, c2) in zip(host_b, dev_b):
+            assert torch.equal(k1, k2) and torch.equal(c1, c2), "device counts differ"
+        t_host = median_ms(lambda: select_layer_stage_many(inputs_b), args.reps)
+        t_dev = median_ms(lambda: select_layer_stage_many(inputs_b, device_counts=True),
+                          args.reps)
         lines.append(f"| {b} ({'DPP' if dpp else 'relevance'}) | {n} / {k} | {stage:.2f} | "
-                     f"{counts:.2f} | {per_video} | {batched} |")
+                     f"{counts:.2f} | {per_video} | {batched} | {t_host:.1f} | {t_dev:.1f} |")
     return "\n".join(lines)
 
 

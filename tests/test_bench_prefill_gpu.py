@@ -148,3 +148,40 @@ def _masked_layer(dec, i, h, cos, sin, alive):
     h = h + torch.nn.functional.linear(o.transpose(0, 1).reshape(n, -1), p["o"])
     g, u = torch.nn.functional.linear(dec._norm(h, p["n2"]), p["gu"]).chunk(2, -1)
     return h + torch.nn.functional.linear(torch.nn.functional.silu(g) * u, p["down"])
+
+
+def test_sync_count_wiring(pg, monkeypatch):
+    """The GPU run's sync count (CUDA only, so its wiring is checked here): run_prompt turns
+    torch's sync debug mode on around the layer loop only and off again, even when the loop
+    raises; count_syncs counts the synchronisation warnings raised inside its call."""
+    import warnings
+
+    from hieravid_vllm.core.config import HieraVidConfig
+    from hieravid_vllm.core.pipeline import prune_input_stage
+
+    torch.set_grad_enabled(False)
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    S = pg.SHAPES["tiny"]
+    dec = pg.Decoder(S["L"], S["d"], S["nh"], S["nkv"], S["m"], torch.device("cpu"),
+                     torch.float32)
+    T, Hh, Ww = S["video"]
+    N = T * Hh * Ww
+    feats = torch.randn(T, Hh, Ww, S["d"])
+    cfg = HieraVidConfig(budget=0.3)
+    res = prune_input_stage(feats, None, cfg, S["L"])
+    pre, post = torch.randn(3, S["d"]), torch.randn(4, S["d"])
+    args = (dec, pre, res.features, post, res.kept_indices + 3, torch.arange(4) + 3 + N)
+    pg.run_prompt(*args, seg=res.segment_ids, sched=res.schedule, cfg=cfg,
+                  device_counts=True, sync_debug=True)
+    assert modes == ["warn", "default"]
+    monkeypatch.setattr(dec, "layer", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        pg.run_prompt(*args, seg=res.segment_ids, sched=res.schedule, cfg=cfg, sync_debug=True)
+    assert modes == ["warn", "default"] * 2
+
+    def two_syncs():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        warnings.warn("something else", UserWarning)
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+    assert pg.count_syncs(two_syncs) == 2

@@ -35,6 +35,7 @@ def test_selection_host_table():
             assert float(cells[4]) > 0 and float(cells[5]) > 0
         else:
             assert cells[4] == cells[5] == "-"
+        assert float(cells[6]) > 0 and float(cells[7]) > 0     # host / device counts
 
 
 def _write_dump(path, seed=0):

@@ -102,10 +102,19 @@ def static_schemas(library: str) -> dict:
     import torch
 
     pattern = re.compile(r"^[A-Za-z_]\w*\(.*\)\s*->", re.S)
+    data = Path(library).read_bytes()
     out = {}
-    for raw in Path(library).read_bytes().split(b"\x00"):
+    seen = set()
+    at = data.find(b"->")
+    while at != -1:      # every string holding "->", cut at the NULs around it
+        start = data.rfind(b"\x00", 0, at) + 1
+        end = data.find(b"\x00", at)
+        at = data.find(b"->", end if end != -1 else len(data))
+        if start in seen:
+            continue
+        seen.add(start)
         try:
-            text = raw.decode("ascii").strip()
+            text = data[start:end].decode("ascii").strip()
         except UnicodeDecodeError:
             continue
         if not pattern.match(text):

@@ -1085,17 +1085,7 @@ def frame_level_select_many(inputs: Sequence[StageInput], *,
     for p in preps:
         if p.done is None:
             _stage_counts(p)
-    dpp = [p for p in preps if p.done is None and p.inp.use_dpp]
-    calls = [GreedyCall(p.feats, p.lengths_h, p.ks_h, weights=p.r_pad, scale=p.scale,
-                        eps=p.inp.config.dpp_eps, fallback_scores=p.r_pad) for p in dpp]
-    if greedy_many is None and greedy is not None:
-        sels = [greedy(c.features, c.lengths, c.ks, weights=c.weights, scale=c.scale,
-                       eps=c.eps, fallback_scores=c.fallback_scores) for c in calls]
-    else:
-        sels = (greedy_many or greedy_map_batched_many)(calls) if calls else []
-    for p, sel in zip(dpp, sels):
-        p.sel = sel
-    return [_finish_stage(p) for p in preps]
+    return _pick(preps, greedy, greedy_many)
 
 
 def _select_many_on_device(inputs, greedy, greedy_many):
@@ -1107,10 +1097,17 @@ def _select_many_on_device(inputs, greedy, greedy_many):
         if p.done is None:
             p.ks_d = segment_counts_on_device(p.sums, p.lengths_d, p.n, int(p.inp.target),
                                               p.inp.config)
+    return _pick(preps, greedy, greedy_many)
+
+
+def _pick(preps: List[_Prepared], greedy, greedy_many):
+    """The greedy MAP of every DPP stage among ``preps`` (counted: host or device counts),
+    then every stage's picks (:func:`_finish_stage`)."""
     dpp = [p for p in preps if p.done is None and p.inp.use_dpp]
-    calls = [GreedyCall(p.feats, p.lengths_d, p.ks_d, weights=p.r_pad, scale=p.scale,
-                        eps=p.inp.config.dpp_eps, fallback_scores=p.r_pad, k_max=p.k_bound)
-             for p in dpp]
+    calls = [GreedyCall(p.feats, p.lengths_h if p.lengths_d is None else p.lengths_d,
+                        p.ks_h if p.ks_d is None else p.ks_d, weights=p.r_pad, scale=p.scale,
+                        eps=p.inp.config.dpp_eps, fallback_scores=p.r_pad,
+                        k_max=None if p.ks_d is None else p.k_bound) for p in dpp]
     if greedy_many is None and greedy is not None:
         sels = [greedy(c.features, c.lengths, c.ks, weights=c.weights, scale=c.scale,
                        eps=c.eps, fallback_scores=c.fallback_scores) for c in calls]

@@ -42,6 +42,7 @@ How it fits vLLM v1:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -530,8 +531,14 @@ def _video_rows(plan: StepPlan, h: int) -> List[tuple]:
     return out
 
 
-#: one-time log lines of this process
-_LOGGED: Dict[str, bool] = {}
+@functools.lru_cache(maxsize=None)
+def _device_counts() -> bool:
+    """``HIERAVID_BOUNDARY_COUNTS=device`` (read once per worker; checked at start-up)."""
+    on = boundary_counts_on_device()
+    if on:
+        logger.info("HieraVid: stage boundaries compute their Eq. 4-5 counts on the device "
+                    "(HIERAVID_BOUNDARY_COUNTS=device): no read-back inside the forward")
+    return on
 
 
 def _rows(hidden: torch.Tensor, residual: Optional[torch.Tensor], a: int, b: int) -> torch.Tensor:
@@ -563,11 +570,7 @@ def _select_rows(plan: StepPlan, g: int, hidden: torch.Tensor, residual: Optiona
                                  max_length=bound))
     # every video of the boundary at once: one device read (the Eq. 4 segment sums), or
     # none with HIERAVID_BOUNDARY_COUNTS=device (the counts stay on the device)
-    on_device = boundary_counts_on_device()
-    if on_device and not _LOGGED.get("device_counts"):
-        _LOGGED["device_counts"] = True
-        logger.info("HieraVid: stage boundaries compute their Eq. 4-5 counts on the device "
-                    "(HIERAVID_BOUNDARY_COUNTS=device): no read-back inside the forward")
+    on_device = _device_counts()
     results = select_layer_stage_many(inputs, ops=_kernel_ops(), device_counts=on_device)
     idx = np.empty(new_n, dtype=np.int64)
     parts = []
@@ -585,8 +588,14 @@ def _select_rows(plan: StepPlan, g: int, hidden: torch.Tensor, residual: Optiona
         dst += k
         src = a + n
         seg, nseg = inp.segment_ids, inp.num_segments
-        # host bound of the next stage's longest segment (the sync-free layout's width)
-        bound = k if inp.max_length is None else min(int(inp.max_length), k)
+        # sync-free: a host bound of the next stage's longest segment (its layout's width;
+        # this stage's lengths are on the host at the first boundary only)
+        bound = None
+        if on_device:
+            bound = (int(inp.max_length) if inp.max_length is not None
+                     else int(inp.lengths.max()) if inp.lengths is not None
+                     and inp.lengths.device.type == "cpu" and inp.lengths.numel() else n)
+            bound = min(bound, k)
         seg_state[key] = (seg[keep.to(seg.device)], nseg, counts, bound)
         if kept_log is not None:  # debug dump: what the selection saw and chose
             vpos[key] = vpos[key][keep]
@@ -622,9 +631,7 @@ def staged_forward(text_model, plan: StepPlan, positions: torch.Tensor,
     for r in plan.reqs:
         for vi, v in enumerate(r.selecting):
             lay = layouts[v.mm_hash]
-            lengths = lay[2] if len(lay) > 2 else None
-            seg_state[(r.index, vi)] = (lay[0], lay[1], lengths, None if lengths is None
-                                        else int(lengths.max()) if lengths.numel() else 0)
+            seg_state[(r.index, vi)] = (lay[0], lay[1], lay[2] if len(lay) > 2 else None, None)
             if kept_log is not None:  # video-relative positions of its current rows
                 vpos[(r.index, vi)] = torch.arange(v.counts[0], device=device)
     boundaries = set(plan.boundaries[1:])

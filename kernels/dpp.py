@@ -571,7 +571,7 @@ def greedy_map_batched_many(calls, *, backend: str = "auto", **triton_kwargs) ->
     for i, c in enumerate(calls):
         if c.features.dtype != torch.float64 and use_triton(backend, c.features):
             kw = dict(triton_kwargs)
-            if getattr(c, "k_max", None) is not None:   # device ks (sync-free boundary)
+            if c.k_max is not None:   # device ks (the sync-free boundary): no read-back
                 kw.update(k_max=c.k_max, check=False)
             out[i] = greedy_map_batched_triton(c.features, c.lengths, c.ks, c.weights, c.scale,
                                                c.eps, c.rel_eps, c.fallback_scores,

@@ -926,11 +926,7 @@ def _prepare_stage(inp: StageInput, device_counts: bool = False) -> _Prepared:
         return _prepare_stage_on_device(p)
     if inp.lengths is not None:
         p.lengths_h = inp.lengths.to("cpu", torch.int64)
-    if target == n:
-        p.done = torch.arange(n, dtype=torch.int64, device=dev)
-        return p
-    if target == 0:
-        p.done = torch.empty(0, dtype=torch.int64, device=dev)
+    if _keeps_all_or_none(p):
         return p
     cfg = inp.config
     seg = inp.segment_ids.to(dev, torch.int64)
@@ -940,17 +936,37 @@ def _prepare_stage(inp: StageInput, device_counts: bool = False) -> _Prepared:
     if p.lengths_h is None:
         p.lengths_h = host_segment_lengths(seg, inp.num_segments)
     M = p.lengths_h.shape[0]
-    p.index, _ = segment_layout(seg, M, lengths=p.lengths_h)
-    r = relevance(hidden, inp.query, cfg.relevance_sign, cfg.relevance_source)
+    _layout_and_features(p, seg, M, p.lengths_h)
+    if counts_need_sums(p.lengths_h.numpy(), cfg):
+        p.sums = segment_sums(hidden, seg, M)
+    return p
+
+
+def _keeps_all_or_none(p: _Prepared) -> bool:
+    """A stage whose target is all or none of its n tokens needs no selection: sets
+    ``p.done`` (the kept positions) and returns True."""
+    target, dev = int(p.inp.target), p.inp.hidden.device
+    if target == p.n:
+        p.done = torch.arange(p.n, dtype=torch.int64, device=dev)
+    elif target == 0:
+        p.done = torch.empty(0, dtype=torch.int64, device=dev)
+    return p.done is not None
+
+
+def _layout_and_features(p: _Prepared, seg: torch.Tensor, M: int, lengths: torch.Tensor,
+                         width: Optional[int] = None) -> None:
+    """The padded segment layout (:func:`segment_layout`), the relevance (Eq. 8) in that
+    layout and, at a DPP stage, the kernel features (Eq. 9) gathered into it."""
+    inp = p.inp
+    cfg = inp.config
+    p.index, _ = segment_layout(seg, M, lengths=lengths, width=width)
+    r = relevance(inp.hidden, inp.query, cfg.relevance_sign, cfg.relevance_source)
     p.valid = p.index >= 0
     safe = p.index.clamp_min(0)
     p.r_pad = torch.where(p.valid, r[safe], torch.zeros_like(r[safe]))
     if inp.use_dpp:
-        V, p.scale = kernel_features(hidden, cfg.dpp_kernel)
+        V, p.scale = kernel_features(inp.hidden, cfg.dpp_kernel)
         p.feats = V[safe]                                             # (M, n_max, C)
-    if counts_need_sums(p.lengths_h.numpy(), cfg):
-        p.sums = segment_sums(hidden, seg, M)
-    return p
 
 
 def _prepare_stage_on_device(p: _Prepared) -> _Prepared:
@@ -980,21 +996,10 @@ def _prepare_stage_on_device(p: _Prepared) -> _Prepared:
         p.lengths_d = torch.zeros(M, dtype=torch.int64, device=dev).scatter_add_(
             0, seg, torch.ones_like(seg))
         bound = n if inp.max_length is None else min(n, int(inp.max_length))
-    if target == n:
-        p.done = torch.arange(n, dtype=torch.int64, device=dev)
-        return p
-    if target == 0:
-        p.done = torch.empty(0, dtype=torch.int64, device=dev)
+    if _keeps_all_or_none(p):
         return p
     cfg = inp.config
-    p.index, _ = segment_layout(seg, M, lengths=p.lengths_d, width=bound)
-    r = relevance(hidden, inp.query, cfg.relevance_sign, cfg.relevance_source)
-    p.valid = p.index >= 0
-    safe = p.index.clamp_min(0)
-    p.r_pad = torch.where(p.valid, r[safe], torch.zeros_like(r[safe]))
-    if inp.use_dpp:
-        V, p.scale = kernel_features(hidden, cfg.dpp_kernel)
-        p.feats = V[safe]
+    _layout_and_features(p, seg, M, p.lengths_d, width=bound)
     if M > 1 and cfg.r_var > 0:
         p.sums = segment_sums(hidden, seg, M)
     p.k_bound = min(bound, target)

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from hieravid_vllm.core import HieraVidConfig
-from hieravid_vllm.core.dpp import boundary_counts_on_device
+from hieravid_vllm.core.dpp import boundary_counts_on_device, cat_rows, host_to_device
 from hieravid_vllm.core.pipeline import StageInput, select_layer_stage, select_layer_stage_many
 
 logger = logging.getLogger("vllm.hieravid_vllm")
@@ -541,9 +541,12 @@ def _device_counts() -> bool:
     return on
 
 
-def _rows(hidden: torch.Tensor, residual: Optional[torch.Tensor], a: int, b: int) -> torch.Tensor:
-    """Rows ``[a, b)`` of the residual stream (hidden + residual) as float32."""
-    x = hidden[a:b] if residual is None else hidden[a:b] + residual[a:b]
+def _rows(hidden: torch.Tensor, residual: Optional[torch.Tensor],
+          index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of the residual stream (hidden + residual) as float32, one gather."""
+    x = hidden.index_select(0, index)
+    if residual is not None:
+        x = x + residual.index_select(0, index)
     return x.float()
 
 
@@ -552,39 +555,44 @@ def _select_rows(plan: StepPlan, g: int, hidden: torch.Tensor, residual: Optiona
                  kept_log: Optional[dict]) -> torch.Tensor:
     """Row indices (into the current rows) that stage ``g`` keeps, ascending.
 
-    The rows of every video and its query come from the plan (:func:`_video_rows`): slices
-    of the stream, no per-row masks and no device read-back. The kept index is the host's
-    index of every other row (other requests, text, padding) with each video's kept
-    positions written into its place.
+    The rows of every video and its query come from the plan (:func:`_video_rows`): host
+    arithmetic, no per-row masks and no device read-back. All videos' visual rows, then all
+    their query rows, are copied out of the stream in one gather, so the selection gets them
+    as consecutive blocks of one tensor (laid out as one without another copy). The kept
+    index is the host's index of every other row (other requests, text, padding) with each
+    video's kept positions written into its place, in one scatter.
     """
     n_rows = hidden.shape[0]
     dev = hidden.device
     spans = _video_rows(plan, g - 1)
     new_n = n_rows - sum(n - int(v.counts[g]) for _r, _vi, v, _a, n, _q in spans)
+    ns = [n for *_x, n, _q in spans]
+    qs = [q_end - a - n for *_x, a, n, q_end in spans]
+    rows = np.concatenate([np.arange(a, a + n) for *_x, a, n, _q in spans] +
+                          [np.arange(a + n, q_end) for *_x, a, n, q_end in spans])
+    x = _rows(hidden, residual, host_to_device(rows, dev))
+    vis, qry = x[:sum(ns)].split(ns), x[sum(ns):].split(qs)
     inputs = []
-    for r, vi, v, a, n, q_end in spans:
+    for (r, vi, v, a, n, q_end), h, q in zip(spans, vis, qry):
         seg, nseg, lengths, bound = seg_state[(r.index, vi)]
-        inputs.append(StageInput(_rows(hidden, residual, a, a + n),
-                                 _rows(hidden, residual, a + n, q_end), seg, v.counts[g],
-                                 v.config, bool(v.uses_dpp[g]), nseg, lengths,
-                                 max_length=bound))
+        inputs.append(StageInput(h, q, seg, v.counts[g], v.config, bool(v.uses_dpp[g]), nseg,
+                                 lengths, max_length=bound))
     # every video of the boundary at once: one device read (the Eq. 4 segment sums), or
     # none with HIERAVID_BOUNDARY_COUNTS=device (the counts stay on the device)
     on_device = _device_counts()
     results = select_layer_stage_many(inputs, ops=_kernel_ops(), device_counts=on_device)
     idx = np.empty(new_n, dtype=np.int64)
-    parts = []
+    dst_off = []                   # per video: where its kept rows go, and its first row
     src = dst = 0
     for (r, vi, v, a, n, q_end), inp, (keep, counts) in zip(spans, inputs, results):
         key = (r.index, vi)
-        keep = keep.to(dev)
         k = int(v.counts[g])
         if keep.shape[0] != k:
             raise RuntimeError(f"HieraVid: stage {g} kept {keep.shape[0]} tokens of a video, "
                                f"its schedule says {k}")
         idx[dst:dst + a - src] = np.arange(src, a)
         dst += a - src
-        parts.append((dst, a, keep))
+        dst_off.append((dst, a, k))
         dst += k
         src = a + n
         seg, nseg = inp.segment_ids, inp.num_segments
@@ -606,9 +614,15 @@ def _select_rows(plan: StepPlan, g: int, hidden: torch.Tensor, residual: Optiona
                 "use_dpp": bool(v.uses_dpp[g]),
                 "config": v.config.model_dump(mode="json")})
     idx[dst:] = np.arange(src, n_rows)
-    out = torch.from_numpy(idx).to(dev, non_blocking=True)
-    for d0, a, keep in parts:
-        out[d0:d0 + keep.shape[0]] = keep + a
+    out = host_to_device(idx, dev)
+    if spans:       # every video's kept positions + its first row, into its place, at once
+        pos = np.concatenate([np.arange(d0, d0 + k) for d0, _a, k in dst_off] +
+                             [np.repeat([a for _d, a, _k in dst_off],
+                                        [k for *_x, k in dst_off])])
+        pos_d = host_to_device(pos, dev)
+        T = pos.shape[0] // 2
+        keep_all = cat_rows([keep.to(dev) for keep, _c in results])
+        out.index_copy_(0, pos_d[:T], keep_all + pos_d[T:])
     return out
 
 

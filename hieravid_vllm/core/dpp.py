@@ -850,7 +850,7 @@ def segment_layout(segment_ids: torch.Tensor, num_segments: Optional[int] = None
         lengths_h = lengths.to("cpu", torch.int64)
         M = int(num_segments) if num_segments is not None else lengths_h.shape[0]
         n_max = int(lengths_h.max()) if M else 0
-        lengths = lengths_h.to(dev, non_blocking=True)   # no stream sync on CUDA
+        lengths = host_to_device(lengths_h.numpy(), dev)         # no stream sync on CUDA
     else:
         M = int(num_segments) if num_segments is not None else (int(seg.max()) + 1 if n else 0)
         lengths = torch.bincount(seg, minlength=M)[:M] if n else torch.zeros(
@@ -888,33 +888,28 @@ class StageInput:
 
 @dataclass
 class _Prepared:
+    """One video of a stage boundary before the device work: its lengths, and the result
+    when the stage keeps all or none of its tokens."""
     inp: StageInput
     n: int
     done: Optional[torch.Tensor] = None        # the result when the stage keeps all / none
-    lengths_h: Optional[torch.Tensor] = None
-    index: Optional[torch.Tensor] = None
-    valid: Optional[torch.Tensor] = None
-    r_pad: Optional[torch.Tensor] = None
-    feats: Optional[torch.Tensor] = None
-    scale: float = 1.0
-    sums: Optional[torch.Tensor] = None        # (M, C) segment sums on the device (Eq. 4)
-    sums_h: Optional[object] = None            # the same read back (numpy), set by the caller
-    ks_h: Optional[torch.Tensor] = None        # the Eq. 4-5 counts (M,) on the host
-    sel: Optional[torch.Tensor] = None         # the greedy's picks (M, max k), DPP stage
-    # the sync-free boundary (``device_counts``): lengths and counts on the device, and host
-    # upper bounds of their maxima (the padded widths)
+    lengths_h: Optional[torch.Tensor] = None   # tokens per segment (M,) on the host
+    ks_h: Optional[np.ndarray] = None          # the Eq. 4-5 counts (M,) on the host
+    # the sync-free boundary (``device_counts``): lengths on the device, and a host upper
+    # bound of their maximum (the padded layout's width)
     lengths_d: Optional[torch.Tensor] = None
-    ks_d: Optional[torch.Tensor] = None
-    k_bound: int = 0
+    bound: int = 0
+
+    @property
+    def num_segments(self) -> int:
+        return (self.lengths_h if self.lengths_d is None else self.lengths_d).shape[0]
 
 
 def _prepare_stage(inp: StageInput, device_counts: bool = False) -> _Prepared:
-    """The device work of a stage that does not need its per-segment counts: segment layout,
-    relevance (Eq. 8), kernel features (Eq. 9) and the segment sums of Eq. 4. Reads nothing
-    back when ``inp.lengths`` is given, or with ``device_counts`` (then the lengths stay on
-    the device: given, or counted there from the segment ids, which needs ``num_segments``)."""
-    from .schedule import counts_need_sums, host_segment_lengths, segment_sums
-
+    """Check a video's stage input and find its per-segment lengths: given (``inp.lengths``),
+    else one read of the segment ids -- or, with ``device_counts``, counted on the device
+    (needs ``num_segments``) with a host bound of their maximum (``StageInput.max_length``,
+    the host lengths' maximum, or n), so nothing is read."""
     hidden = inp.hidden
     n = hidden.shape[0]
     dev = hidden.device
@@ -923,22 +918,31 @@ def _prepare_stage(inp: StageInput, device_counts: bool = False) -> _Prepared:
         raise ValueError(f"target must be in [0, {n}], got {target}")
     p = _Prepared(inp, n)
     if device_counts:
-        return _prepare_stage_on_device(p)
+        if inp.lengths is not None:
+            lengths = inp.lengths
+            if lengths.device.type == "cpu":   # host lengths: reading them waits for nothing
+                p.bound = int(lengths.max()) if lengths.shape[0] else 0
+            else:
+                p.bound = n if inp.max_length is None else min(n, int(inp.max_length))
+            p.lengths_d = lengths.to(dev, torch.int64, non_blocking=True)
+        else:
+            if inp.num_segments is None:
+                raise ValueError("the sync-free boundary (device_counts) needs num_segments "
+                                 "or lengths")
+            seg = inp.segment_ids.to(dev, torch.int64)
+            p.lengths_d = torch.zeros(int(inp.num_segments), dtype=torch.int64,
+                                      device=dev).scatter_add_(0, seg, torch.ones_like(seg))
+            p.bound = n if inp.max_length is None else min(n, int(inp.max_length))
+        _keeps_all_or_none(p)
+        return p
     if inp.lengths is not None:
         p.lengths_h = inp.lengths.to("cpu", torch.int64)
     if _keeps_all_or_none(p):
         return p
-    cfg = inp.config
-    seg = inp.segment_ids.to(dev, torch.int64)
-    # One read of the segment ids (none when the caller has the lengths): every M-sized
-    # quantity (lengths, Eq. 4-5 counts, k_max) is then known on the host, so on CUDA the
-    # stage reads back the segment sums only (frame_level_select_many: once for all videos).
     if p.lengths_h is None:
-        p.lengths_h = host_segment_lengths(seg, inp.num_segments)
-    M = p.lengths_h.shape[0]
-    _layout_and_features(p, seg, M, p.lengths_h)
-    if counts_need_sums(p.lengths_h.numpy(), cfg):
-        p.sums = segment_sums(hidden, seg, M)
+        from .schedule import host_segment_lengths
+        p.lengths_h = host_segment_lengths(inp.segment_ids.to(dev, torch.int64),
+                                           inp.num_segments)
     return p
 
 
@@ -953,93 +957,193 @@ def _keeps_all_or_none(p: _Prepared) -> bool:
     return p.done is not None
 
 
-def _layout_and_features(p: _Prepared, seg: torch.Tensor, M: int, lengths: torch.Tensor,
-                         width: Optional[int] = None) -> None:
-    """The padded segment layout (:func:`segment_layout`), the relevance (Eq. 8) in that
-    layout and, at a DPP stage, the kernel features (Eq. 9) gathered into it."""
-    inp = p.inp
-    cfg = inp.config
-    p.index, _ = segment_layout(seg, M, lengths=lengths, width=width)
-    r = relevance(inp.hidden, inp.query, cfg.relevance_sign, cfg.relevance_source)
-    p.valid = p.index >= 0
-    safe = p.index.clamp_min(0)
-    p.r_pad = torch.where(p.valid, r[safe], torch.zeros_like(r[safe]))
-    if inp.use_dpp:
-        V, p.scale = kernel_features(inp.hidden, cfg.dpp_kernel)
-        p.feats = V[safe]                                             # (M, n_max, C)
+def host_to_device(arr: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """A host array on ``dev`` without waiting: on CUDA through pinned memory (a copy from
+    pageable memory synchronises the stream first); on CPU the array itself."""
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if dev.type == "cpu":
+        return t
+    if dev.type == "cuda":
+        t = t.pin_memory()
+    return t.to(dev, non_blocking=True)
 
 
-def _prepare_stage_on_device(p: _Prepared) -> _Prepared:
-    """:func:`_prepare_stage` of the sync-free boundary: the same device work, with the
-    segment lengths on the device and the layout padded to a host bound of their maximum
-    (``StageInput.max_length``, or the host lengths' maximum, or n), so nothing is read."""
-    from .schedule import segment_sums
-
-    inp, n = p.inp, p.n
-    hidden = inp.hidden
-    dev = hidden.device
-    target = int(inp.target)
-    seg = inp.segment_ids.to(dev, torch.int64)
-    if inp.lengths is not None:
-        lengths = inp.lengths
-        M = lengths.shape[0]
-        if lengths.device.type == "cpu":      # host lengths: reading them waits for nothing
-            bound = int(lengths.max()) if M else 0
+def cat_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors)`` along rows, as a view when they are consecutive row blocks of
+    one tensor (``split`` pieces of it, in order): then no copy and no launch."""
+    if len(tensors) == 1:
+        return tensors[0]
+    t0 = tensors[0]
+    base = t0._base
+    if base is not None and all(t._base is base and t.is_contiguous() for t in tensors):
+        at = t0.storage_offset()
+        for t in tensors:
+            if t.storage_offset() != at or t.shape[1:] != t0.shape[1:]:
+                break
+            at += t.numel()
         else:
-            bound = n if inp.max_length is None else min(n, int(inp.max_length))
-        p.lengths_d = lengths.to(dev, torch.int64, non_blocking=True)
+            rows = sum(t.shape[0] for t in tensors)
+            return t0.as_strided((rows,) + tuple(t0.shape[1:]), t0.stride(),
+                                 t0.storage_offset())
+    return torch.cat(tensors)
+
+
+@dataclass
+class _Group:
+    """The videos of one stage boundary that select with the same config, stage kind, dtype
+    and device, laid out as one: their tokens concatenated video after video (video v's
+    tokens start at ``tokoff[v]``), their segments numbered on (its segment m is segment
+    ``segoff[v] + m``), one padded segment layout for all. Every per-token and per-segment
+    step (layout, Eq. 8 gathers, Eq. 9 features, Eq. 4 sums, the greedy, the picks) then runs
+    once for the group instead of once per video, and each video gets exactly what it gets
+    alone: a segment's computation involves its own tokens only, and every reduction runs
+    over a segment's tokens in token order or over the hidden size."""
+    preps: List[_Prepared]
+    device_counts: bool
+    tokoff: Optional[np.ndarray] = None
+    segoff: Optional[np.ndarray] = None
+    index: Optional[torch.Tensor] = None       # (S, width) token ids (-1 pad)
+    valid: Optional[torch.Tensor] = None
+    lengths: Optional[torch.Tensor] = None     # (S,) host (host counts) or device
+    r_pad: Optional[torch.Tensor] = None       # Eq. 8 relevance in the layout
+    feats: Optional[torch.Tensor] = None       # Eq. 9 features in the layout (DPP stage)
+    scale: float = 1.0
+    sums: Optional[torch.Tensor] = None        # (S, C) segment sums (Eq. 4)
+    sums_h: Optional[np.ndarray] = None        # the same read back (host counts)
+    ks: Optional[torch.Tensor] = None          # (S,) Eq. 4-5 counts, host or device
+    k_max: int = 0                             # host bound of max(ks) (device counts)
+    sel: Optional[torch.Tensor] = None         # the greedy's picks (S, >= max k), DPP stage
+
+    @property
+    def inp(self) -> StageInput:
+        return self.preps[0].inp
+
+
+def _group_stages(preps: Sequence[_Prepared], device_counts: bool) -> List[_Group]:
+    """The selecting videos of a boundary, grouped by config, stage kind (DPP or relevance
+    only), dtype, hidden size and device (one group in a serving step)."""
+    groups: List[_Group] = []
+    for p in preps:
+        if p.done is not None:
+            continue
+        h = p.inp.hidden
+        for g in groups:
+            q = g.inp
+            if (q.use_dpp == p.inp.use_dpp and q.hidden.dtype == h.dtype and
+                    q.hidden.device == h.device and q.hidden.shape[1:] == h.shape[1:] and
+                    q.config == p.inp.config):
+                g.preps.append(p)
+                break
+        else:
+            groups.append(_Group([p], device_counts))
+    return groups
+
+
+def _prepare_group(g: _Group) -> None:
+    """The device work of a group that does not need its per-segment counts: the padded
+    segment layout (:func:`segment_layout`), the relevance (Eq. 8, per video: its softmax and
+    min-max run over the video's own tokens) in that layout, at a DPP stage the kernel
+    features (Eq. 9) gathered into it, and the segment sums of Eq. 4 when some video's
+    counts need them. Reads nothing back."""
+    from .schedule import counts_need_sums, segment_sums
+
+    inps = [p.inp for p in g.preps]
+    cfg, dev = g.inp.config, g.inp.hidden.device
+    ns = [p.n for p in g.preps]
+    Ms = [p.num_segments for p in g.preps]
+    g.tokoff = np.concatenate(([0], np.cumsum(ns))).astype(np.int64)
+    g.segoff = np.concatenate(([0], np.cumsum(Ms))).astype(np.int64)
+    S = int(g.segoff[-1])
+    one = len(inps) == 1
+    H = cat_rows([i.hidden for i in inps])      # a view when the caller packed them
+    segs = [i.segment_ids.to(dev, torch.int64) for i in inps]
+    gseg = segs[0] if one else (torch.cat(segs) +
+                                host_to_device(np.repeat(g.segoff[:-1], ns), dev))
+    if g.device_counts:
+        lengths = g.preps[0].lengths_d if one else torch.cat([p.lengths_d for p in g.preps])
+        g.index, g.lengths = segment_layout(gseg, S, lengths=lengths,
+                                            width=max(p.bound for p in g.preps))
+        g.k_max = max(min(p.bound, int(p.inp.target)) for p in g.preps)
     else:
-        if inp.num_segments is None:
-            raise ValueError("the sync-free boundary (device_counts) needs num_segments or "
-                             "lengths")
-        M = int(inp.num_segments)
-        p.lengths_d = torch.zeros(M, dtype=torch.int64, device=dev).scatter_add_(
-            0, seg, torch.ones_like(seg))
-        bound = n if inp.max_length is None else min(n, int(inp.max_length))
-    if _keeps_all_or_none(p):
-        return p
-    cfg = inp.config
-    _layout_and_features(p, seg, M, p.lengths_d, width=bound)
-    if M > 1 and cfg.r_var > 0:
-        p.sums = segment_sums(hidden, seg, M)
-    p.k_bound = min(bound, target)
-    return p
+        lengths_h = torch.cat([p.lengths_h for p in g.preps])
+        g.index, _ = segment_layout(gseg, S, lengths=lengths_h)
+        g.lengths = lengths_h
+    rs = [relevance(i.hidden, i.query, cfg.relevance_sign, cfg.relevance_source)
+          for i in inps]
+    r = rs[0] if one else torch.cat(rs)
+    g.valid = g.index >= 0
+    safe = g.index.clamp_min(0)
+    g.r_pad = torch.where(g.valid, r[safe], torch.zeros_like(r[safe]))
+    if g.inp.use_dpp:
+        V, g.scale = kernel_features(H, cfg.dpp_kernel)
+        g.feats = V[safe]                                             # (S, width, C)
+    if g.device_counts:
+        need = cfg.r_var > 0 and any(m > 1 for m in Ms)
+    else:
+        need = any(counts_need_sums(p.lengths_h.numpy(), cfg) for p in g.preps)
+    if need:
+        if H.is_cuda and not one:    # the one-hot product per video (no cross-video blocks)
+            g.sums = torch.cat([segment_sums(i.hidden, s, m) for i, s, m in zip(inps, segs, Ms)])
+        else:
+            g.sums = segment_sums(H, gseg, S)
 
 
-def _stage_counts(p: _Prepared) -> None:
-    """The Eq. 4-5 counts of a prepared stage that selects (on the host, from the segment
-    sums read back) -> ``p.ks_h``."""
-    from .schedule import segment_counts_from_sums
+def _group_counts(g: _Group) -> None:
+    """The Eq. 4-5 counts of every video of a group: on the host from the sums read back
+    (``g.sums_h``), or on the device (sync-free boundary) -> ``g.ks`` (S,)."""
+    from .schedule import (counts_need_sums, segment_counts_from_sums,
+                           segment_counts_on_device_many)
 
-    p.ks_h = torch.from_numpy(segment_counts_from_sums(
-        p.sums_h, p.lengths_h.numpy(), p.n, int(p.inp.target), p.inp.config))
+    cfg = g.inp.config
+    if g.device_counts:     # all videos' M-sized steps at once, padded to the longest M
+        g.ks = segment_counts_on_device_many(
+            g.sums, g.lengths, [p.num_segments for p in g.preps], [p.n for p in g.preps],
+            [int(p.inp.target) for p in g.preps], cfg)
+        return
+    for v, p in enumerate(g.preps):
+        lh = p.lengths_h.numpy()
+        sums_h = (g.sums_h[g.segoff[v]:g.segoff[v + 1]]
+                  if g.sums_h is not None and counts_need_sums(lh, cfg) else None)
+        p.ks_h = segment_counts_from_sums(sums_h, lh, p.n, int(p.inp.target), cfg)
+    g.ks = torch.from_numpy(np.concatenate([p.ks_h for p in g.preps]))
 
 
-def _finish_stage(p: _Prepared) -> Tuple[torch.LongTensor, Optional[torch.Tensor]]:
-    """Picks of a prepared stage -> (kept positions, kept tokens per segment on the host):
-    the greedy's (``p.sel``) at a DPP stage, the per-segment top-k of a relevance-only one."""
-    inp = p.inp
-    if p.done is not None:
-        counts = None
-        have = p.lengths_h if p.lengths_d is None else p.lengths_d
-        if have is not None:
-            counts = have.clone() if p.done.numel() == p.n else torch.zeros_like(have)
-        return p.done, counts
-    n, target = p.n, int(inp.target)
-    ks_h = p.ks_h if p.ks_d is None else p.ks_d
-    dev = inp.hidden.device
-    index, valid, r_pad, sel = p.index, p.valid, p.r_pad, p.sel
-    if not inp.use_dpp:
+def _finish_group(g: _Group) -> List[Tuple[torch.LongTensor, Optional[torch.Tensor]]]:
+    """Picks of a counted group -> per video (kept positions, kept tokens per segment): the
+    greedy's (``g.sel``) at a DPP stage, the per-segment top-k of a relevance-only one."""
+    dev = g.inp.hidden.device
+    index, valid, r_pad, sel = g.index, g.valid, g.r_pad, g.sel
+    if not g.inp.use_dpp:
         key = torch.where(valid, -r_pad, torch.full_like(r_pad, float("inf")))
-        width = int(ks_h.max()) if p.ks_d is None else p.k_bound
+        width = g.k_max if g.device_counts else int(g.ks.max())
         sel = torch.sort(key, dim=-1, stable=True).indices[:, :width]
         ar = torch.arange(sel.shape[1], device=dev).unsqueeze(0)
-        ks_d = ks_h.to(dev, non_blocking=True)
+        ks_d = g.ks if g.device_counts else host_to_device(g.ks.numpy(), dev)
         sel = torch.where(ar < ks_d.unsqueeze(-1), sel, torch.full_like(sel, -1))
-    # exactly sum(ks) = target entries of sel are picks (the greedy fills every k_m, padding
-    # is -1): mask the rest with n and keep the target smallest -- no boolean-mask read-back
-    tok = torch.where(sel >= 0, index.gather(1, sel.clamp_min(0)), torch.full_like(sel, n))
-    return torch.sort(tok.flatten()).values[:target], ks_h
+    # exactly sum(ks) = sum(targets) entries of sel are picks (the greedy fills every k_m,
+    # padding is -1): mask the rest with N and keep the smallest -- no boolean-mask read;
+    # the group's token ids ascend video by video, so each video's picks are one slice
+    N = int(g.tokoff[-1])
+    tok = torch.where(sel >= 0, index.gather(1, sel.clamp_min(0)), torch.full_like(sel, N))
+    targets = [int(p.inp.target) for p in g.preps]
+    keep = torch.sort(tok.flatten()).values[:sum(targets)]
+    if len(targets) > 1:
+        keep = keep - host_to_device(np.repeat(g.tokoff[:-1], targets), dev)
+    keeps = keep.split(targets)
+    if g.device_counts:
+        counts = g.ks.split([p.num_segments for p in g.preps])
+    else:
+        counts = [torch.from_numpy(p.ks_h) for p in g.preps]
+    return list(zip(keeps, counts))
+
+
+def _finish_done(p: _Prepared) -> Tuple[torch.LongTensor, Optional[torch.Tensor]]:
+    """The result of a stage that keeps all or none of a video's tokens."""
+    have = p.lengths_h if p.lengths_d is None else p.lengths_d
+    counts = None
+    if have is not None:
+        counts = have.clone() if p.done.numel() == p.n else torch.zeros_like(have)
+    return p.done, counts
 
 
 def frame_level_select_many(inputs: Sequence[StageInput], *,
@@ -1048,22 +1152,31 @@ def frame_level_select_many(inputs: Sequence[StageInput], *,
                                                            List[torch.Tensor]]] = None,
                             device_counts: bool = False
                             ) -> List[Tuple[torch.LongTensor, Optional[torch.Tensor]]]:
-    """:func:`frame_level_select` on several videos (one stage boundary of a batch), with
-    one device read for all of them: first every video's device work that does not need its
-    per-segment counts (:func:`_prepare_stage`), then one read of all the videos' Eq. 4
-    segment sums, then per video the counts on the host, then the greedy MAP of every DPP
-    video in one call (``greedy_many``, default :func:`greedy_map_batched_many`: on CPU the
-    segments of all videos in length buckets, in lockstep), then the picks. Each video gets
-    exactly the computation of :func:`frame_level_select` (a segment's greedy depends on its
-    own tokens only), so the same kept tokens whatever else is in the batch.
+    """:func:`frame_level_select` on several videos (one stage boundary of a batch), batched
+    across the videos and their segments, with one device read for all of them.
 
-    ``greedy``: a one-call greedy (signature of :func:`greedy_map_batched`) called per video
+    The videos that select are grouped (same config and stage kind: one group in a serving
+    step) and each group is laid out as one (:class:`_Group`: tokens concatenated, segments
+    numbered on), so the device work runs once per group, not once per video: first what
+    does not need the per-segment counts (:func:`_prepare_group`: one segment layout, the
+    relevance gathered into it, the kernel features, the Eq. 4 segment sums), then one read
+    of all the groups' sums, then per video the Eq. 4-5 counts on the host (M-sized numpy),
+    then every group's greedy MAP in one call (``greedy_many``, default
+    :func:`greedy_map_batched_many`: on CPU all segments in length buckets, in lockstep;
+    one call per group), then the picks, one sort per group. Each video gets exactly the
+    computation of :func:`frame_level_select` alone (a segment's greedy and sums depend on
+    its own tokens only; the relevance runs per video), so the same kept tokens whatever
+    else is in the batch. Per-video device work left: the relevance (Eq. 8 normalises over
+    the video's tokens), a handful of ops.
+
+    ``greedy``: a one-call greedy (signature of :func:`greedy_map_batched`) called per group
     instead, when ``greedy_many`` is not given.
 
     On CUDA, with every ``lengths`` given, that one read is the only host synchronisation
-    of the boundary (the greedy dispatch of ``hieravid_kernels`` copies the counts to the
-    device without waiting and decides its fallback on the device), and everything enqueued
-    before it overlaps the layers still running.
+    of the boundary (host index arrays go through pinned memory; the greedy dispatch of
+    ``hieravid_kernels`` copies the counts to the device without waiting and decides its
+    fallback on the device), and everything enqueued before it overlaps the layers still
+    running.
 
     Returns per video (kept positions ascending, kept tokens per segment (M,) int64 on the
     host -- the next stage's ``lengths``; None for a stage that keeps all or none of a
@@ -1077,50 +1190,37 @@ def frame_level_select_many(inputs: Sequence[StageInput], *,
     ``lengths``, with ``max_length`` = this stage's bound). The greedy then gets device
     ``ks`` and a ``GreedyCall.k_max`` bound (the Triton path launches without reading).
     """
-    if device_counts:
-        return _select_many_on_device(inputs, greedy, greedy_many)
-    preps = [_prepare_stage(inp) for inp in inputs]
-    need = [p for p in preps if p.sums is not None]
-    if need:
-        flat = torch.cat([p.sums.reshape(-1) for p in need]).cpu().numpy()
+    preps = [_prepare_stage(inp, device_counts) for inp in inputs]
+    groups = _group_stages(preps, device_counts)
+    for g in groups:
+        _prepare_group(g)
+    need = [g for g in groups if g.sums is not None]
+    if need and not device_counts:
+        flat = torch.cat([g.sums.reshape(-1) for g in need]).cpu().numpy()
         at = 0
-        for p in need:
-            p.sums_h = flat[at:at + p.sums.numel()].reshape(p.sums.shape)
-            at += p.sums.numel()
-    for p in preps:
-        if p.done is None:
-            _stage_counts(p)
-    return _pick(preps, greedy, greedy_many)
+        for g in need:
+            g.sums_h = flat[at:at + g.sums.numel()].reshape(g.sums.shape)
+            at += g.sums.numel()
+    for g in groups:
+        _group_counts(g)
+    _greedy_groups(groups, greedy, greedy_many)
+    results = {id(p): r for g in groups for p, r in zip(g.preps, _finish_group(g))}
+    return [_finish_done(p) if p.done is not None else results[id(p)] for p in preps]
 
 
-def _select_many_on_device(inputs, greedy, greedy_many):
-    """:func:`frame_level_select_many` with ``device_counts``: no host read."""
-    from .schedule import segment_counts_on_device
-
-    preps = [_prepare_stage(inp, device_counts=True) for inp in inputs]
-    for p in preps:
-        if p.done is None:
-            p.ks_d = segment_counts_on_device(p.sums, p.lengths_d, p.n, int(p.inp.target),
-                                              p.inp.config)
-    return _pick(preps, greedy, greedy_many)
-
-
-def _pick(preps: List[_Prepared], greedy, greedy_many):
-    """The greedy MAP of every DPP stage among ``preps`` (counted: host or device counts),
-    then every stage's picks (:func:`_finish_stage`)."""
-    dpp = [p for p in preps if p.done is None and p.inp.use_dpp]
-    calls = [GreedyCall(p.feats, p.lengths_h if p.lengths_d is None else p.lengths_d,
-                        p.ks_h if p.ks_d is None else p.ks_d, weights=p.r_pad, scale=p.scale,
-                        eps=p.inp.config.dpp_eps, fallback_scores=p.r_pad,
-                        k_max=None if p.ks_d is None else p.k_bound) for p in dpp]
+def _greedy_groups(groups: List[_Group], greedy, greedy_many) -> None:
+    """The greedy MAP of every DPP group (counted: host or device counts) -> ``g.sel``."""
+    dpp = [g for g in groups if g.inp.use_dpp]
+    calls = [GreedyCall(g.feats, g.lengths, g.ks, weights=g.r_pad, scale=g.scale,
+                        eps=g.inp.config.dpp_eps, fallback_scores=g.r_pad,
+                        k_max=g.k_max if g.device_counts else None) for g in dpp]
     if greedy_many is None and greedy is not None:
         sels = [greedy(c.features, c.lengths, c.ks, weights=c.weights, scale=c.scale,
                        eps=c.eps, fallback_scores=c.fallback_scores) for c in calls]
     else:
         sels = (greedy_many or greedy_map_batched_many)(calls) if calls else []
-    for p, sel in zip(dpp, sels):
-        p.sel = sel
-    return [_finish_stage(p) for p in preps]
+    for g, sel in zip(dpp, sels):
+        g.sel = sel
 
 
 def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],

@@ -495,72 +495,130 @@ def segment_counts_on_device(sums: Optional[torch.Tensor], lengths: torch.Tensor
     its fractional part is ~1), or two fractional parts equal to round-off at the cut (tests:
     exact equality on random inputs, the sum and bounds everywhere).
     """
+    lengths = lengths.to(torch.int64)
+    return segment_counts_on_device_many(sums, lengths, [lengths.shape[0]], [int(n)],
+                                         [int(target)], config)
+
+
+def segment_counts_on_device_many(sums: Optional[torch.Tensor], lengths: torch.Tensor,
+                                  num_segments: Sequence[int], ns: Sequence[int],
+                                  targets: Sequence[int], config: HieraVidConfig
+                                  ) -> torch.Tensor:
+    """:func:`segment_counts_on_device` for several videos at once (one stage boundary's
+    group): their segments back to back, ``sums`` (S, C) (or None), ``lengths`` (S,) on the
+    device, ``num_segments`` / ``ns`` / ``targets`` per video on the host (S = the sum of
+    ``num_segments``). The videos are padded to the longest segment count with empty
+    segments, which the formulas already mask (an empty segment adds exact zeros and
+    breakpoints where F does not bend), and every step runs once for all of them: int64
+    (S,) counts on the device, nothing read back. Each video's counts are those of
+    :func:`segment_counts_on_device` alone except where round-off decides a tie (the padding
+    can change how a sum over segments is associated), as there against the host."""
     dev = lengths.device
     lengths = lengths.to(torch.int64)
-    M = lengths.shape[0]
-    if not 0 < target < n:
-        raise ValueError(f"target must be in (0, {n}) here, got {target}")
-    lf = lengths.to(torch.float64)
-    nonempty = lengths > 0
-    z = torch.zeros(M, dtype=torch.float64, device=dev)
+    Ms = [int(m) for m in num_segments]
+    V, M = len(Ms), max(Ms) if Ms else 0
+    for n, target in zip(ns, targets):
+        if not 0 < target < n:
+            raise ValueError(f"target must be in (0, {n}) here, got {target}")
+    if sum(Ms) != lengths.shape[0]:
+        raise ValueError(f"num_segments sum to {sum(Ms)}, lengths has {lengths.shape[0]}")
+    if V == 0 or M == 0:
+        raise ValueError("no segments")
+    padded = any(m != M for m in Ms)
+    if padded:   # (V, M) layout of the segments, -1 = padding (an empty segment)
+        from .dpp import host_to_device
+        pos = np.full((V, M), -1, dtype=np.int64)
+        at = 0
+        for v, m in enumerate(Ms):
+            pos[v, :m] = np.arange(at, at + m)
+            at += m
+        pos_d = host_to_device(pos, dev)
+        real = pos_d >= 0
+        safe = pos_d.clamp_min(0)
+        lengths_p = torch.where(real, lengths[safe], torch.zeros_like(lengths[safe]))
+    else:
+        lengths_p = lengths.view(V, M)
+    if len(set(ns)) == 1 and len(set(targets)) == 1:
+        target_f = float(targets[0])
+        keep0 = float(targets[0]) / float(ns[0])
+        target_i = int(targets[0])
+    else:
+        from .dpp import host_to_device
+        tn = host_to_device(np.array([[t / n, t] for n, t in zip(ns, targets)],
+                                     dtype=np.float64), dev)
+        keep0, target_f = tn[:, :1], tn[:, 1]
+        target_i = target_f.to(torch.int64)
+    lf = lengths_p.to(torch.float64)
+    nonempty = lengths_p > 0
+    z = torch.zeros(V, M, dtype=torch.float64, device=dev)
     if sums is not None and M > 1 and config.r_var > 0:
         if config.missing_neighbor not in ("neutral", "zero"):
             raise ValueError("missing_neighbor must be 'neutral' or 'zero', got "
                              f"{config.missing_neighbor!r}")
+        sums_p = sums.to(torch.float32)
+        sums_p = sums_p[safe] if padded else sums_p.view(V, M, -1)
         # Eq. 4 on the non-empty segments (float32 means, as on the host, then float64)
-        g = (sums.to(torch.float32) / lengths.clamp_min(1).to(torch.float32)[:, None]
-             ).to(torch.float64)
-        g = torch.where(nonempty[:, None], g, torch.zeros_like(g))
-        csum = torch.cumsum(g, 0)
+        g = (sums_p / lengths_p.clamp_min(1).to(torch.float32)[..., None]).to(torch.float64)
+        g = torch.where(nonempty[..., None], g, torch.zeros_like(g))
+        csum = torch.cumsum(g, 1)
         s_l = _cos_rows(g, csum - g)                    # left neighbours' sum
-        s_r = _cos_rows(g, csum[-1:] - csum)            # right neighbours' sum
-        ar = torch.arange(M, device=dev)
-        cnt = nonempty.sum()
+        s_r = _cos_rows(g, csum[:, -1:] - csum)         # right neighbours' sum
+        ar = torch.arange(M, device=dev).unsqueeze(0)
+        cnt = nonempty.sum(1, keepdim=True)
         if config.missing_neighbor == "neutral":
-            first = torch.where(nonempty, ar, torch.full_like(ar, M)).min()
-            last = torch.where(nonempty, ar, torch.full_like(ar, -1)).max()
+            first = torch.where(nonempty, ar, torch.full_like(ar, M)).min(1, keepdim=True).values
+            last = torch.where(nonempty, ar, torch.full_like(ar, -1)).max(1, keepdim=True).values
             den = (cnt - 1).clamp_min(1).to(torch.float64)
-            mean_l = torch.where(nonempty & (ar != first), s_l, torch.zeros_like(s_l)).sum() / den
-            mean_r = torch.where(nonempty & (ar != last), s_r, torch.zeros_like(s_r)).sum() / den
+            mean_l = torch.where(nonempty & (ar != first), s_l,
+                                 torch.zeros_like(s_l)).sum(1, keepdim=True) / den
+            mean_r = torch.where(nonempty & (ar != last), s_r,
+                                 torch.zeros_like(s_r)).sum(1, keepdim=True) / den
             s_l = torch.where(ar == first, mean_l, s_l)
             s_r = torch.where(ar == last, mean_r, s_r)
         b = config.lam * s_r + (1.0 - config.lam) * (1.0 - s_l)
         cf = cnt.clamp_min(1).to(torch.float64)
         bm = torch.where(nonempty, b, torch.zeros_like(b))
-        mean = bm.sum() / cf
+        mean = bm.sum(1, keepdim=True) / cf
         dev_b = torch.where(nonempty, b - mean, torch.zeros_like(b))
-        std = torch.sqrt((dev_b * dev_b).sum() / cf)                   # population std
+        std = torch.sqrt((dev_b * dev_b).sum(1, keepdim=True) / cf)   # population std
         ok = (std > 1e-12) & (cnt > 1)
         z = torch.where(ok & nonempty, dev_b / torch.where(ok, std, torch.ones_like(std)), z)
     sign = 1.0 if config.segment_score_keeps_more else -1.0
-    keep = (target / n) + sign * config.r_var * z
+    keep = keep0 + sign * config.r_var * z
+    tcol = target_f if isinstance(target_f, float) else target_f.unsqueeze(1)
     # the shift tau with sum_m lf_m clip(keep_m + tau, 0, 1) = target: F is nondecreasing and
     # piecewise linear between the breakpoints, F(first) = 0 <= target < n = F(last)
-    P = torch.sort(torch.cat((-keep, 1.0 - keep))).values                 # (2M,)
-    F = (lf[None, :] * torch.clamp(keep[None, :] + P[:, None], 0.0, 1.0)).sum(1)
-    i = ((F <= target).sum() - 1).clamp(0, 2 * M - 2).view(1)
-    ii = torch.cat((i, i + 1))                 # a tensor index, not P[i]: that reads i back
-    p0, p1 = P.gather(0, ii).unbind()
-    f0, f1 = F.gather(0, ii).unbind()
+    P = torch.sort(torch.cat((-keep, 1.0 - keep), 1), dim=1).values              # (V, 2M)
+    F = (lf[:, None, :] * torch.clamp(keep[:, None, :] + P[:, :, None], 0.0, 1.0)).sum(2)
+    i = ((F <= tcol).sum(1, keepdim=True) - 1).clamp(0, 2 * M - 2)
+    ii = torch.cat((i, i + 1), 1)              # a tensor index, not P[i]: that reads i back
+    p0, p1 = P.gather(1, ii).unbind(1)
+    f0, f1 = F.gather(1, ii).unbind(1)
     slope_ok = f1 > f0
-    tau = p0 + (target - f0) * (p1 - p0) / torch.where(slope_ok, f1 - f0, torch.ones_like(f1))
-    y = lf * torch.clamp(keep + tau, 0.0, 1.0)
+    tau = p0 + (target_f - f0) * (p1 - p0) / torch.where(slope_ok, f1 - f0, torch.ones_like(f1))
+    y = lf * torch.clamp(keep + tau.unsqueeze(1), 0.0, 1.0)
     # largest remainder, ties by lower index, never above len_m (the host's rule)
-    base = torch.minimum(torch.floor(y).to(torch.int64), lengths)
-    r = target - base.sum()
+    base = torch.minimum(torch.floor(y).to(torch.int64), lengths_p)
+    tgt = target_i if isinstance(target_i, int) else target_i.unsqueeze(1)
+    r = tgt - base.sum(1, keepdim=True)
     frac = y - base.to(torch.float64)
-    eligible = base < lengths
-    order = torch.sort(torch.where(eligible, -frac, torch.full_like(frac, math.inf)),
+    eligible = base < lengths_p
+    order = torch.sort(torch.where(eligible, -frac, torch.full_like(frac, math.inf)), dim=1,
                        stable=True).indices
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(M, device=dev)
-    give = torch.minimum(r.clamp_min(0), eligible.sum())
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(M, device=dev).unsqueeze(0).expand(V, M).contiguous())
+    give = torch.minimum(r.clamp_min(0), eligible.sum(1, keepdim=True))
     counts = base + (rank < give).to(torch.int64)
     # round-off leftovers (either sign) in index order, within [0, len_m]
-    left = target - counts.sum()
-    cap = lengths - counts
-    before = torch.cumsum(cap, 0) - cap
+    left = tgt - counts.sum(1, keepdim=True)
+    cap = lengths_p - counts
+    before = torch.cumsum(cap, 1) - cap
     counts = counts + torch.minimum((left - before).clamp_min(0), cap)
     over = (-left).clamp_min(0)
-    before = torch.cumsum(counts, 0) - counts
-    return counts - torch.minimum((over - before).clamp_min(0), counts)
+    before = torch.cumsum(counts, 1) - counts
+    counts = counts - torch.minimum((over - before).clamp_min(0), counts)
+    if padded:
+        from .dpp import host_to_device
+        flat = np.concatenate([v * M + np.arange(m) for v, m in enumerate(Ms)])
+        return counts.reshape(-1)[host_to_device(flat, dev)]
+    return counts.reshape(-1)

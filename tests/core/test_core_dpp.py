@@ -530,17 +530,98 @@ def test_frame_level_select_many_equals_one_by_one(seed, host_greedy):
 
 
 def test_stage_preparation_reads_nothing_back_given_the_lengths():
-    """The part of a stage enqueued before the boundary's one read (layout, relevance,
-    kernel features, segment sums) runs on ``meta`` tensors, which have no data to read:
-    with host lengths it completes; without them it must read the segment ids and fails."""
-    from hieravid_vllm.core.dpp import StageInput, _prepare_stage
+    """The part of a boundary enqueued before its one read (the group's layout, relevance,
+    kernel features, segment sums, for two videos laid out as one) runs on ``meta`` tensors,
+    which have no data to read: with host lengths it completes; without them it must read
+    the segment ids and fails."""
+    from hieravid_vllm.core.dpp import (StageInput, _group_stages, _prepare_group,
+                                        _prepare_stage)
     seg = torch.tensor([0] * 5 + [1] * 7 + [2] * 4)
     for use_dpp in (True, False):
         inp = StageInput(torch.empty(16, 8, device="meta"), torch.empty(8, device="meta"),
                          seg.to("meta"), 9, HieraVidConfig(), use_dpp, 3,
                          lengths=torch.tensor([5, 7, 4]))
-        p = _prepare_stage(inp)
-        assert p.sums is not None and p.sums.shape == (3, 8) and p.index.shape == (3, 7)
+        groups = _group_stages([_prepare_stage(inp), _prepare_stage(inp)], False)
+        assert len(groups) == 1
+        g = groups[0]
+        _prepare_group(g)
+        assert g.sums is not None and g.sums.shape == (6, 8) and g.index.shape == (6, 7)
+        assert g.tokoff.tolist() == [0, 16, 32] and g.segoff.tolist() == [0, 3, 6]
         with pytest.raises((NotImplementedError, RuntimeError)):
             _prepare_stage(StageInput(inp.hidden, inp.query, inp.segment_ids, 9,
                                       HieraVidConfig(), use_dpp, 3))
+
+
+class _OpCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops dispatched (on a GPU each is a kernel launch or a view), except
+    while ``paused``."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += not self.paused
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device_counts", [False, True])
+@pytest.mark.parametrize("use_dpp", [False, True])
+def test_boundary_work_per_video_is_a_handful_of_ops(use_dpp, device_counts):
+    """A boundary lays its videos out as one (tokens concatenated, segments numbered on), so
+    the ops it dispatches -- on a GPU, its kernel launches -- grow by a handful per video
+    (its Eq. 8 relevance), not by the dozens of a per-video layout, sums, counts and picks:
+    12 videos against 1, each of 6 segments (the greedy itself, one call for all, is not
+    counted: on CPU it is the host loop, on CUDA one Triton launch). Before the batching a
+    video added about 60 ops with host counts and 230 with device counts."""
+    from hieravid_vllm.core.dpp import (StageInput, frame_level_select_many,
+                                        greedy_map_batched_many)
+    g = torch.Generator().manual_seed(5)
+    cfg = HieraVidConfig()
+
+    def videos(num):
+        out = []
+        for _ in range(num):
+            seg = torch.sort(torch.randint(0, 6, (120,), generator=g)).values
+            out.append(StageInput(torch.randn(120, 32, generator=g),
+                                  torch.randn(2, 32, generator=g), seg, 40, cfg, use_dpp, 6,
+                                  torch.bincount(seg, minlength=6)))
+        return out
+
+    def ops(inputs):
+        mode = _OpCount()
+
+        def greedy_many(calls):
+            mode.paused = True
+            try:
+                return greedy_map_batched_many(calls)
+            finally:
+                mode.paused = False
+        frame_level_select_many(inputs, greedy_many=greedy_many, device_counts=device_counts)
+        with mode:
+            got = frame_level_select_many(inputs, greedy_many=greedy_many,
+                                          device_counts=device_counts)
+        for inp, (keep, _c) in zip(inputs, got):   # and the picks are each video's own
+            want = frame_level_select(inp.hidden, inp.query, inp.segment_ids, inp.target, cfg,
+                                      use_dpp=use_dpp, num_segments=6)
+            assert device_counts or torch.equal(keep, want)
+            assert keep.shape == (40,)
+        return mode.n
+
+    one, twelve = ops(videos(1)), ops(videos(12))
+    assert (twelve - one) / 11 <= 30, (one, twelve)
+
+
+def test_cat_rows_is_a_view_of_consecutive_blocks():
+    from hieravid_vllm.core.dpp import cat_rows
+    x = torch.randn(10, 4)
+    parts = x.split([3, 0, 5, 2])
+    y = cat_rows(parts)
+    assert torch.equal(y, torch.cat(parts)) and y.data_ptr() == x.data_ptr()
+    k = torch.arange(9).split([4, 5])
+    assert cat_rows(k).data_ptr() == k[0].data_ptr() and cat_rows(k).tolist() == list(range(9))
+    for pieces in ([parts[2], parts[0]], [x[0:3], x[4:6]], [x[:2], torch.randn(3, 4)],
+                   [x[:, :2][:3], x[:, :2][3:5]]):           # out of order, gap, other, strided
+        z = cat_rows(pieces)
+        assert torch.equal(z, torch.cat(pieces)) and z.data_ptr() != x.data_ptr()
+    assert cat_rows([parts[0]]) is parts[0]

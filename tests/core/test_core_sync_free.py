@@ -9,6 +9,7 @@ checked on the meta device, where any read (``.item()``, ``int(t)``, ``.cpu()``,
 with a 0-d tensor) raises.
 """
 import random
+import zlib
 from fractions import Fraction
 
 import numpy as np
@@ -40,13 +41,47 @@ def _host(sums, lengths, n, target, cfg):
     return segment_counts_from_sums(sh, lengths, n, target, cfg)
 
 
+def _host_y(sums, lengths, n, target, cfg):
+    """The host path's real-valued allocation y_m = len_m clip(keep_m + tau, 0, 1) (its
+    Eq. 4-5 keep ratios and bisected shift), to tell a tie from a wrong count."""
+    from hieravid_vllm.core.schedule import _reconcile_shift, _segment_scores_host
+    nonempty = lengths > 0
+    z = np.zeros(lengths.shape[0])
+    if counts_need_sums(lengths, cfg):
+        g = sums.numpy() / np.maximum(lengths, 1).astype(np.float32)[:, None]
+        b = _segment_scores_host(g[nonempty].astype(np.float64), cfg.lam, cfg.missing_neighbor)
+        if float(b.std()) > 1e-12:
+            z[nonempty] = (b - b.mean()) / b.std()
+    sign = 1.0 if cfg.segment_score_keeps_more else -1.0
+    keep = target / n + sign * cfg.r_var * z
+    lf = lengths.astype(np.float64)
+    return lf * np.clip(keep + _reconcile_shift(lf, keep, target), 0.0, 1.0)
+
+
+def _is_round_off_tie(got, want, y, lengths, target, tol=1e-9):
+    """Two valid allocations that differ only where round-off decides: by one unit, at
+    segments whose fractional parts of y are equal (or at an integer) within ``tol``."""
+    if got.sum() != target or (got < 0).any() or (got > lengths).any():
+        return False
+    d = np.nonzero(got != want)[0]
+    if d.size == 0:
+        return True
+    if np.abs(got - want).max() > 1:
+        return False
+    fr = y[d] - np.floor(y[d])
+    fr = np.where(fr > 1 - tol, fr - 1, fr)           # 0.999999... is an integer too
+    return bool(fr.max() - fr.min() <= tol or np.abs(fr).max() <= tol)
+
+
 @pytest.mark.parametrize("missing", ["neutral", "zero"])
 @pytest.mark.parametrize("keeps_more", [True, False])
 def test_device_counts_equal_the_host_counts(missing, keeps_more):
     """Random segment features (empty segments included), r_var > 0: the same counts as the
-    host path, exactly."""
-    rnd = random.Random(hash((missing, keeps_more)) & 0xFFFF)
-    checked = 0
+    host path, exactly, except at exact ties that round-off decides (e.g. two segments at
+    y = 58.5 and 1.5), which must be rare and are checked to be ties (the host's own y).
+    Seeded from the parameters' text (``hash()`` of a str changes between processes)."""
+    rnd = random.Random(zlib.crc32(f"{missing}-{keeps_more}".encode()))
+    checked = ties = 0
     for _ in range(400):
         lengths, n, sums = _case(rnd)
         if n < 2:
@@ -56,9 +91,33 @@ def test_device_counts_equal_the_host_counts(missing, keeps_more):
                              missing_neighbor=missing, segment_score_keeps_more=keeps_more)
         got = segment_counts_on_device(sums, torch.from_numpy(lengths), n, target, cfg)
         assert got.dtype == torch.int64
-        np.testing.assert_array_equal(got.numpy(), _host(sums, lengths, n, target, cfg))
+        got, want = got.numpy(), _host(sums, lengths, n, target, cfg)
+        if not np.array_equal(got, want):
+            assert _is_round_off_tie(got, want, _host_y(sums, lengths, n, target, cfg),
+                                     lengths, target), (lengths.tolist(), target, got, want)
+            ties += 1
         checked += 1
-    assert checked > 300
+    assert checked > 300 and ties <= 3
+
+
+def test_device_counts_tie_of_two_halves():
+    """The tie that round-off decides, found by the test above under one hash seed: two
+    segments, z = -+1, y = 58.5 and 1.5 exactly. Both paths give a valid allocation, equal
+    or differing by the tied unit only."""
+    lengths = np.array([195, 15])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        sums = torch.randn(2, 8, generator=g) * torch.from_numpy(lengths)[:, None].float()
+        cfg = HieraVidConfig(r_var=0.1, lam=0.03, missing_neighbor="zero")
+        y = _host_y(sums, lengths, 210, 60, cfg)
+        if abs(y[0] - 58.5) < 1e-9:
+            break
+    assert abs(y[0] - 58.5) < 1e-9 and abs(y[1] - 1.5) < 1e-9
+    got = segment_counts_on_device(sums, torch.from_numpy(lengths), 210, 60, cfg).numpy()
+    want = _host(sums, lengths, 210, 60, cfg)
+    assert got.sum() == want.sum() == 60
+    assert set(got.tolist()) <= {58, 59, 1, 2} and set(want.tolist()) <= {58, 59, 1, 2}
+    assert _is_round_off_tie(got, want, y, lengths, 60)
 
 
 def _exact_equal_ratio_counts(lengths, target):
@@ -184,7 +243,9 @@ def test_select_many_device_counts_reads_nothing_back():
               for n, M, t, use, bound in ((60, 3, 21, True, 30), (35, 2, 11, False, None),
                                           (44, 4, 30, True, None), (10, 1, 10, True, 10))]
     out = frame_level_select_many(inputs, greedy_many=greedy_many, device_counts=True)
-    assert widths == [21, 30]          # min(bound, target); no bound: n
+    # one greedy call for both selecting DPP videos (one group), as wide as the larger of
+    # their min(bound, target) (no bound: n): 21 and 30
+    assert widths == [30]
     for (keep, counts), inp in zip(out, inputs):
         assert keep.device == dev and keep.shape == (inp.target,)
         assert counts.device == dev and counts.shape == (inp.num_segments,)
@@ -199,3 +260,40 @@ def test_device_counts_needs_the_segment_count():
     with pytest.raises(ValueError, match="num_segments"):
         frame_level_select_many([StageInput(h, None, seg, 4, HieraVidConfig())],
                                 device_counts=True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_device_counts_of_several_videos_at_once(seed):
+    """``segment_counts_on_device_many`` (a boundary's videos padded to the longest segment
+    count, every step once for all): each video's counts equal the host path's alone, except
+    at ties round-off decides (checked to be ties); different targets and sizes, empty
+    segments, one-segment videos, and sums absent (r_var = 0) all in one call."""
+    from hieravid_vllm.core.schedule import segment_counts_on_device_many
+    rnd = random.Random(1000 + seed)
+    for r_var in (0.2, 0.0):
+        cfg = HieraVidConfig(r_var=r_var, lam=rnd.random(),
+                             missing_neighbor=rnd.choice(["neutral", "zero"]))
+        vids = []
+        while len(vids) < 9:
+            lengths, n, sums = _case(rnd)
+            if n >= 2:   # one hidden size for the call: features cut or zero-padded to 16
+                sums = torch.nn.functional.pad(sums, (0, 16 - sums.shape[1])) \
+                    if sums.shape[1] < 16 else sums[:, :16].contiguous()
+                vids.append((lengths, n, sums, rnd.randint(1, n - 1)))
+        got = segment_counts_on_device_many(
+            torch.cat([v[2] for v in vids]) if r_var else None,
+            torch.from_numpy(np.concatenate([v[0] for v in vids])),
+            [len(v[0]) for v in vids], [v[1] for v in vids], [v[3] for v in vids], cfg)
+        assert got.dtype == torch.int64 and got.shape == (sum(len(v[0]) for v in vids),)
+        at = 0
+        for lengths, n, sums, target in vids:
+            mine = got[at:at + len(lengths)].numpy()
+            at += len(lengths)
+            want = _host(sums, lengths, n, target, cfg)
+            if not np.array_equal(mine, want):
+                assert _is_round_off_tie(mine, want, _host_y(sums, lengths, n, target, cfg),
+                                         lengths, target), (lengths.tolist(), target)
+    with pytest.raises(ValueError, match="num_segments"):
+        segment_counts_on_device_many(None, torch.tensor([3, 4]), [3], [7], [2], cfg)
+    with pytest.raises(ValueError, match="target"):
+        segment_counts_on_device_many(None, torch.tensor([3, 4]), [1, 1], [3, 4], [3, 2], cfg)

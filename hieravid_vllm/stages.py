@@ -565,6 +565,8 @@ def _select_rows(plan: StepPlan, g: int, hidden: torch.Tensor, residual: Optiona
     n_rows = hidden.shape[0]
     dev = hidden.device
     spans = _video_rows(plan, g - 1)
+    if not spans:                  # no video selects in this step
+        return torch.arange(n_rows, device=dev)
     new_n = n_rows - sum(n - int(v.counts[g]) for _r, _vi, v, _a, n, _q in spans)
     ns = [n for *_x, n, _q in spans]
     qs = [q_end - a - n for *_x, a, n, q_end in spans]
@@ -615,14 +617,13 @@ def _select_rows(plan: StepPlan, g: int, hidden: torch.Tensor, residual: Optiona
                 "config": v.config.model_dump(mode="json")})
     idx[dst:] = np.arange(src, n_rows)
     out = host_to_device(idx, dev)
-    if spans:       # every video's kept positions + its first row, into its place, at once
-        pos = np.concatenate([np.arange(d0, d0 + k) for d0, _a, k in dst_off] +
-                             [np.repeat([a for _d, a, _k in dst_off],
-                                        [k for *_x, k in dst_off])])
-        pos_d = host_to_device(pos, dev)
-        T = pos.shape[0] // 2
-        keep_all = cat_rows([keep.to(dev) for keep, _c in results])
-        out.index_copy_(0, pos_d[:T], keep_all + pos_d[T:])
+    # every video's kept positions + its first row, into its place, at once
+    pos = np.concatenate([np.arange(d0, d0 + k) for d0, _a, k in dst_off] +
+                         [np.repeat([a for _d, a, _k in dst_off], [k for *_x, k in dst_off])])
+    pos_d = host_to_device(pos, dev)
+    T = pos.shape[0] // 2
+    keep_all = cat_rows([keep.to(dev) for keep, _c in results])
+    out.index_copy_(0, pos_d[:T], keep_all + pos_d[T:])
     return out
 
 

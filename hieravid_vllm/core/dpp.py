@@ -1006,7 +1006,8 @@ class _Group:
     valid: Optional[torch.Tensor] = None
     lengths: Optional[torch.Tensor] = None     # (S,) host (host counts) or device
     r_pad: Optional[torch.Tensor] = None       # Eq. 8 relevance in the layout
-    feats: Optional[torch.Tensor] = None       # Eq. 9 features in the layout (DPP stage)
+    feats: Optional[torch.Tensor] = None       # Eq. 9 features (N, C), token order (DPP)
+    widths: Optional[List[int]] = None         # per video: host bound of its longest segment
     scale: float = 1.0
     sums: Optional[torch.Tensor] = None        # (S, C) segment sums (Eq. 4)
     sums_h: Optional[np.ndarray] = None        # the same read back (host counts)
@@ -1061,11 +1062,12 @@ def _prepare_group(g: _Group) -> None:
                                 host_to_device(np.repeat(g.segoff[:-1], ns), dev))
     if g.device_counts:
         lengths = g.preps[0].lengths_d if one else torch.cat([p.lengths_d for p in g.preps])
-        g.index, g.lengths = segment_layout(gseg, S, lengths=lengths,
-                                            width=max(p.bound for p in g.preps))
+        g.widths = [p.bound for p in g.preps]
+        g.index, g.lengths = segment_layout(gseg, S, lengths=lengths, width=max(g.widths))
         g.k_max = max(min(p.bound, int(p.inp.target)) for p in g.preps)
     else:
         lengths_h = torch.cat([p.lengths_h for p in g.preps])
+        g.widths = [int(p.lengths_h.max()) if p.lengths_h.numel() else 0 for p in g.preps]
         g.index, _ = segment_layout(gseg, S, lengths=lengths_h)
         g.lengths = lengths_h
     rs = [relevance(i.hidden, i.query, cfg.relevance_sign, cfg.relevance_source)
@@ -1074,9 +1076,8 @@ def _prepare_group(g: _Group) -> None:
     g.valid = g.index >= 0
     safe = g.index.clamp_min(0)
     g.r_pad = torch.where(g.valid, r[safe], torch.zeros_like(r[safe]))
-    if g.inp.use_dpp:
-        V, g.scale = kernel_features(H, cfg.dpp_kernel)
-        g.feats = V[safe]                                             # (S, width, C)
+    if g.inp.use_dpp:     # gathered per video into its own padded layout by the greedy
+        g.feats, g.scale = kernel_features(H, cfg.dpp_kernel)
     if g.device_counts:
         need = cfg.r_var > 0 and any(m > 1 for m in Ms)
     else:
@@ -1209,18 +1210,38 @@ def frame_level_select_many(inputs: Sequence[StageInput], *,
 
 
 def _greedy_groups(groups: List[_Group], greedy, greedy_many) -> None:
-    """The greedy MAP of every DPP group (counted: host or device counts) -> ``g.sel``."""
+    """The greedy MAP of every DPP group (counted: host or device counts) -> ``g.sel``.
+
+    One call per video, all in one ``greedy_many`` call: each video's features gathered into
+    its own padded layout (its segments' rows of the group's layout, as wide as its longest
+    segment), since a layout as wide as the longest segment of the whole boundary would
+    multiply the (S, width, C) features the greedy reads (several-fold on the bench
+    preset's 16 videos). On CPU the host loop then runs all segments together; on CUDA it is
+    one Triton launch per video."""
     dpp = [g for g in groups if g.inp.use_dpp]
-    calls = [GreedyCall(g.feats, g.lengths, g.ks, weights=g.r_pad, scale=g.scale,
-                        eps=g.inp.config.dpp_eps, fallback_scores=g.r_pad,
-                        k_max=g.k_max if g.device_counts else None) for g in dpp]
+    calls, where = [], []
+    for g in dpp:
+        for v, p in enumerate(g.preps):
+            a, b, w = int(g.segoff[v]), int(g.segoff[v + 1]), g.widths[v]
+            idx = g.index[a:b, :w]
+            r = g.r_pad[a:b, :w]
+            calls.append(GreedyCall(g.feats[idx.clamp_min(0)], g.lengths[a:b], g.ks[a:b],
+                                    weights=r, scale=g.scale, eps=g.inp.config.dpp_eps,
+                                    fallback_scores=r,
+                                    k_max=(min(p.bound, int(p.inp.target))
+                                           if g.device_counts else None)))
+            where.append((g, a, b))
     if greedy_many is None and greedy is not None:
         sels = [greedy(c.features, c.lengths, c.ks, weights=c.weights, scale=c.scale,
                        eps=c.eps, fallback_scores=c.fallback_scores) for c in calls]
     else:
         sels = (greedy_many or greedy_map_batched_many)(calls) if calls else []
-    for g, sel in zip(dpp, sels):
-        g.sel = sel
+    for g in dpp:
+        kw = max(sel.shape[1] for (gg, _a, _b), sel in zip(where, sels) if gg is g)
+        g.sel = torch.full((g.index.shape[0], kw), -1, dtype=torch.int64,
+                           device=g.index.device)
+    for (g, a, b), sel in zip(where, sels):
+        g.sel[a:b, :sel.shape[1]] = sel
 
 
 def frame_level_select(hidden: torch.Tensor, query: Optional[torch.Tensor],

@@ -243,9 +243,7 @@ def test_select_many_device_counts_reads_nothing_back():
               for n, M, t, use, bound in ((60, 3, 21, True, 30), (35, 2, 11, False, None),
                                           (44, 4, 30, True, None), (10, 1, 10, True, 10))]
     out = frame_level_select_many(inputs, greedy_many=greedy_many, device_counts=True)
-    # one greedy call for both selecting DPP videos (one group), as wide as the larger of
-    # their min(bound, target) (no bound: n): 21 and 30
-    assert widths == [30]
+    assert widths == [21, 30]          # per video: min(bound, target); no bound: n
     for (keep, counts), inp in zip(out, inputs):
         assert keep.device == dev and keep.shape == (inp.target,)
         assert counts.device == dev and counts.shape == (inp.num_segments,)

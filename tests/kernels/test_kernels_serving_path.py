@@ -119,8 +119,8 @@ def test_select_layer_stage_ops(triton_calls, monkeypatch, gen):
 
 def test_select_layer_stage_many_ops(triton_calls, monkeypatch, gen):
     """The stage boundary's entry point (all videos at once) takes the same ``ops``: one
-    Triton greedy for all the DPP videos' segments, launched without a flag read-back, and
-    each video keeps what ``select_layer_stage`` keeps alone."""
+    Triton greedy per DPP video, launched without a flag read-back, and each video keeps what
+    ``select_layer_stage`` keeps alone."""
     from hieravid_vllm.core.pipeline import StageInput, select_layer_stage, select_layer_stage_many
 
     flags = []
@@ -137,7 +137,7 @@ def test_select_layer_stage_many_ops(triton_calls, monkeypatch, gen):
                                use_dpp=i.use_dpp) for i in inputs]
     monkeypatch.setenv("HIERAVID_KERNELS_BACKEND", "triton")
     got = select_layer_stage_many(inputs, ops=hk.OPS)
-    assert flags == [False]
+    assert flags == [False, False]
     for (keep, _counts), w in zip(got, want):
         assert torch.equal(keep, w)
 
@@ -165,10 +165,8 @@ def test_select_layer_stage_many_device_counts(triton_calls, monkeypatch, gen):
                   for i in inputs]
     monkeypatch.setenv("HIERAVID_KERNELS_BACKEND", "triton")
     got = select_layer_stage_many(dev_inputs, ops=hk.OPS, device_counts=True)
-    # one launch for the three DPP videos, as wide as the largest min(bound, target)
     assert [(k["k_max"], k["check"], k["read_flag"]) for k in kws] == [
-        (max(min(int(i.lengths.max()), i.target) for i in inputs if i.use_dpp), False,
-         False)]
+        (min(int(i.lengths.max()), i.target), False, False) for i in inputs if i.use_dpp]
     for (keep, counts), (w_keep, w_counts) in zip(got, want):
         assert torch.equal(keep, w_keep)
         assert torch.equal(counts, w_counts)

@@ -993,11 +993,13 @@ class _Group:
     """The videos of one stage boundary that select with the same config, stage kind, dtype
     and device, laid out as one: their tokens concatenated video after video (video v's
     tokens start at ``tokoff[v]``), their segments numbered on (its segment m is segment
-    ``segoff[v] + m``), one padded segment layout for all. Every per-token and per-segment
-    step (layout, Eq. 8 gathers, Eq. 9 features, Eq. 4 sums, the greedy, the picks) then runs
-    once for the group instead of once per video, and each video gets exactly what it gets
-    alone: a segment's computation involves its own tokens only, and every reduction runs
-    over a segment's tokens in token order or over the hidden size."""
+    ``segoff[v] + m``), one padded segment layout for all. The layout, the Eq. 8 gathers,
+    the Eq. 9 features, the Eq. 4 sums, the device counts and the picks then run once for
+    the group instead of once per video (the greedy gets one call per video, each in its own
+    padded layout, all in one ``greedy_many`` call), and each video gets exactly what it
+    gets alone: a segment's computation involves its own tokens only, and every reduction
+    runs over a segment's tokens in token order or over the hidden size (the device counts:
+    alike except at ties round-off decides, see ``segment_counts_on_device_many``)."""
     preps: List[_Prepared]
     device_counts: bool
     tokoff: Optional[np.ndarray] = None
@@ -1044,8 +1046,9 @@ def _prepare_group(g: _Group) -> None:
     """The device work of a group that does not need its per-segment counts: the padded
     segment layout (:func:`segment_layout`), the relevance (Eq. 8, per video: its softmax and
     min-max run over the video's own tokens) in that layout, at a DPP stage the kernel
-    features (Eq. 9) gathered into it, and the segment sums of Eq. 4 when some video's
-    counts need them. Reads nothing back."""
+    features (Eq. 9) of every token (:func:`_greedy_groups` gathers each video's into its
+    own padded layout), and the segment sums of Eq. 4 when some video's counts need them.
+    Reads nothing back."""
     from .schedule import counts_need_sums, segment_sums
 
     inps = [p.inp for p in g.preps]
@@ -1162,15 +1165,16 @@ def frame_level_select_many(inputs: Sequence[StageInput], *,
     does not need the per-segment counts (:func:`_prepare_group`: one segment layout, the
     relevance gathered into it, the kernel features, the Eq. 4 segment sums), then one read
     of all the groups' sums, then per video the Eq. 4-5 counts on the host (M-sized numpy),
-    then every group's greedy MAP in one call (``greedy_many``, default
-    :func:`greedy_map_batched_many`: on CPU all segments in length buckets, in lockstep;
-    one call per group), then the picks, one sort per group. Each video gets exactly the
-    computation of :func:`frame_level_select` alone (a segment's greedy and sums depend on
-    its own tokens only; the relevance runs per video), so the same kept tokens whatever
-    else is in the batch. Per-video device work left: the relevance (Eq. 8 normalises over
-    the video's tokens), a handful of ops.
+    then the greedy MAP of every DPP video in one ``greedy_many`` call (default
+    :func:`greedy_map_batched_many`: on CPU all videos' segments in one compiled host loop
+    or in length buckets in lockstep), then the picks, one sort per group. Each video gets
+    exactly the computation of :func:`frame_level_select` alone (a segment's greedy and
+    sums depend on its own tokens only; the relevance runs per video), so the same kept
+    tokens whatever else is in the batch. Per-video device work left: the relevance (Eq. 8
+    normalises over the video's tokens) and, at a DPP stage, the gather of its features: a
+    handful of ops.
 
-    ``greedy``: a one-call greedy (signature of :func:`greedy_map_batched`) called per group
+    ``greedy``: a one-call greedy (signature of :func:`greedy_map_batched`) called per video
     instead, when ``greedy_many`` is not given.
 
     On CUDA, with every ``lengths`` given, that one read is the only host synchronisation
